@@ -43,7 +43,14 @@ fn check_targets(op: &'static str, targets: &[i64], v: usize, ignore_index: i64)
 }
 
 /// Checks the shared inputs of forward and backward.
-fn check_inputs<T>(op: &'static str, logits: &[T], targets: &[i64], n: usize, v: usize, ignore_index: i64) -> Result<()> {
+fn check_inputs<T>(
+    op: &'static str,
+    logits: &[T],
+    targets: &[i64],
+    n: usize,
+    v: usize,
+    ignore_index: i64,
+) -> Result<()> {
     // An empty vocabulary has no softmax (its log-sum-exp is −∞).
     if v == 0 {
         return Err(invalid(op, "v", "the vocabulary must be non-empty"));
@@ -96,7 +103,6 @@ pub fn cross_entropy_fwd_ref<T: Real>(
 /// `scale` is dL/d(loss_sum): pass dloss for a summed loss, and dloss / n_counted for the mean
 /// loss ([`CrossEntropy::mean`]); with gradient accumulation over micro-batches, divide by the
 /// token count of the whole accumulated batch instead, so every token weighs the same.
-#[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_bwd_ref<T: Real>(
     logits: &[T],
     targets: &[i64],
@@ -192,7 +198,8 @@ mod tests {
             // The mean loss: scale = 1 / n_counted.
             let k = ce.n_counted as f64;
             let dm = cross_entropy_bwd_ref(&logits, &targets, &ce.lse, n, v, IGNORE_INDEX, 1.0 / k).unwrap();
-            let nm = numeric_grad(&logits, 1e-6, |x| cross_entropy_fwd_ref(x, &targets, n, v, IGNORE_INDEX).unwrap().mean());
+            let nm =
+                numeric_grad(&logits, 1e-6, |x| cross_entropy_fwd_ref(x, &targets, n, v, IGNORE_INDEX).unwrap().mean());
             assert_close(&alloc::format!("dmean {n}x{v}"), &dm, &nm, 1e-6);
         }
     }
@@ -218,10 +225,7 @@ mod tests {
             let msg = alloc::format!("{e}");
             assert!(msg.contains("targets[1]") && msg.contains(&alloc::format!("{bad}")), "{msg}");
         }
-        assert!(matches!(
-            cross_entropy_bwd_ref(&x, &ok, &x[..1], 2, 3, IGNORE_INDEX, 1.0),
-            Err(Error::Shape { .. })
-        ));
+        assert!(matches!(cross_entropy_bwd_ref(&x, &ok, &x[..1], 2, 3, IGNORE_INDEX, 1.0), Err(Error::Shape { .. })));
         assert!(matches!(
             cross_entropy_bwd_ref(&x, &[0, 3], &x[..2], 2, 3, IGNORE_INDEX, 1.0),
             Err(Error::Invalid { .. })

@@ -40,16 +40,7 @@ impl Trans {
 /// returns c: (M, N)
 ///
 /// Each output accumulates over K in ascending order in `T`, so f32 results are reproducible.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_fwd_ref<T: Real>(
-    a: &[T],
-    b: &[T],
-    m: usize,
-    k: usize,
-    n: usize,
-    ta: Trans,
-    tb: Trans,
-) -> Result<Vec<T>> {
+pub fn matmul_fwd_ref<T: Real>(a: &[T], b: &[T], m: usize, k: usize, n: usize, ta: Trans, tb: Trans) -> Result<Vec<T>> {
     const OP: &str = "matmul_fwd_ref";
     check_len(OP, "a", a.len(), checked_product(&[m, k])?)?;
     check_len(OP, "b", b.len(), checked_product(&[k, n])?)?;
@@ -125,14 +116,7 @@ pub struct LinearGrads<T> {
 /// w: (N, K)
 /// bias: (N)
 /// returns y: (M, N)
-pub fn linear_fwd_ref<T: Real>(
-    x: &[T],
-    w: &[T],
-    bias: Option<&[T]>,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Result<Vec<T>> {
+pub fn linear_fwd_ref<T: Real>(x: &[T], w: &[T], bias: Option<&[T]>, m: usize, k: usize, n: usize) -> Result<Vec<T>> {
     const OP: &str = "linear_fwd_ref";
     check_len(OP, "x", x.len(), checked_product(&[m, k])?)?;
     check_len(OP, "w", w.len(), checked_product(&[n, k])?)?;
@@ -231,14 +215,12 @@ mod tests {
     fn hand_computed_linear() {
         // x = [1, 2]; W rows [1, 0], [0, 1], [1, 1]; b = [0.5, -1, 2]
         // y = [1 + 0.5, 2 - 1, 3 + 2] = [1.5, 1, 5]
-        let y = linear_fwd_ref(&[1.0, 2.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], Some(&[0.5, -1.0, 2.0]), 1, 2, 3)
-            .unwrap();
+        let y = linear_fwd_ref(&[1.0, 2.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], Some(&[0.5, -1.0, 2.0]), 1, 2, 3).unwrap();
         assert_eq!(y, [1.5, 1.0, 5.0]);
         let y = linear_fwd_ref(&[1.0, 2.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], None, 1, 2, 3).unwrap();
         assert_eq!(y, [1.0, 2.0, 3.0]);
         // dy = [1, 1, 1]: dx = sum of W rows = [2, 2]; dW row j = dy_j x = [1, 2]; db = dy.
-        let g = linear_bwd_ref(&[1.0, 2.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[1.0, 1.0, 1.0], true, 1, 2, 3)
-            .unwrap();
+        let g = linear_bwd_ref(&[1.0, 2.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[1.0, 1.0, 1.0], true, 1, 2, 3).unwrap();
         assert_eq!(g.dx, [2.0, 2.0]);
         assert_eq!(g.dw, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
         assert_eq!(g.dbias.as_deref(), Some(&[1.0, 1.0, 1.0][..]));
@@ -294,10 +276,7 @@ mod tests {
         assert!(matches!(linear_fwd_ref(&v[..4], &v, None, 2, 3, 2), Err(Error::Shape { .. })));
         assert!(matches!(linear_bwd_ref(&v, &v, &v[..5], true, 2, 3, 2), Err(Error::Shape { .. })));
         // A product that overflows usize is reported, not wrapped.
-        assert!(matches!(
-            matmul_fwd_ref(&v, &v, usize::MAX, 2, 1, Trans::N, Trans::N),
-            Err(Error::Overflow(_))
-        ));
+        assert!(matches!(matmul_fwd_ref(&v, &v, usize::MAX, 2, 1, Trans::N, Trans::N), Err(Error::Overflow(_))));
     }
 
     #[test]

@@ -68,8 +68,7 @@ pub fn rope_inv_freq(cfg: &RopeConfig) -> Result<Vec<f32>> {
     }
     check_factor("theta", cfg.theta)?;
     // transformers: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all float32.
-    let base: Vec<f32> =
-        (0..d / 2).map(|i| 1.0 / libm::powf(cfg.theta, (2 * i) as f32 / d as f32)).collect();
+    let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / libm::powf(cfg.theta, (2 * i) as f32 / d as f32)).collect();
     match cfg.scaling {
         RopeScaling::None => Ok(base),
         RopeScaling::Linear { factor } => {
