@@ -60,7 +60,10 @@ impl AttnShape {
             return Err(invalid(
                 OP,
                 "tq",
-                format!("{} queries but only {} keys: queries must be the last tq of the tk positions", self.tq, self.tk),
+                format!(
+                    "{} queries but only {} keys: queries must be the last tq of the tk positions",
+                    self.tq, self.tk
+                ),
             ));
         }
         self.q_len()?;
@@ -266,15 +269,9 @@ mod tests {
 
         // Segments [0, 1]: query 1 may no longer see key 0, so s = [ln 3], lse = ln 3, o = v1 = 6;
         // query 0 is unchanged.
-        let (o, lse) = attention_fwd_ref(
-            &[5.0, 1.0],
-            &[0.0, ln3],
-            &[2.0, 6.0],
-            &shape(1, 2, 2, 1, 1, 1),
-            1.0,
-            Some(&[0, 1]),
-        )
-        .unwrap();
+        let (o, lse) =
+            attention_fwd_ref(&[5.0, 1.0], &[0.0, ln3], &[2.0, 6.0], &shape(1, 2, 2, 1, 1, 1), 1.0, Some(&[0, 1]))
+                .unwrap();
         assert_close("o (segments)", &o, &[2.0, 6.0], 1e-14);
         assert_close("lse (segments)", &lse, &[0.0, ln3], 1e-14);
     }
@@ -312,9 +309,8 @@ mod tests {
         let (o, lse) = attention_fwd_ref(&q, &k, &v, &s, scale, segments).unwrap();
         let (dq, dk, dv) = attention_bwd_ref(&q, &k, &v, &o, &lse, &w, &s, scale, segments).unwrap();
 
-        let loss = |q: &[f64], k: &[f64], v: &[f64]| {
-            dot64(&attention_fwd_ref(q, k, v, &s, scale, segments).unwrap().0, &w)
-        };
+        let loss =
+            |q: &[f64], k: &[f64], v: &[f64]| dot64(&attention_fwd_ref(q, k, v, &s, scale, segments).unwrap().0, &w);
         let h = 1e-6;
         assert_close("dq", &dq, &numeric_grad(&q, h, |x| loss(x, &k, &v)), 1e-6);
         assert_close("dk", &dk, &numeric_grad(&k, h, |x| loss(&q, x, &v)), 1e-6);

@@ -49,7 +49,9 @@ impl LoraDims {
         if self.r == 0 {
             return Err(invalid(op, "r", "the LoRA rank must be at least 1"));
         }
-        for pair in [[self.m, self.k], [self.n, self.k], [self.r, self.k], [self.n, self.r], [self.m, self.n], [self.m, self.r]] {
+        for pair in
+            [[self.m, self.k], [self.n, self.k], [self.r, self.k], [self.n, self.r], [self.m, self.n], [self.m, self.r]]
+        {
             checked_product(&pair)?;
         }
         Ok(())
