@@ -212,7 +212,7 @@ pub fn from_bnb_tensors(weight: &str, src: &(impl TensorSource + ?Sized)) -> Res
     let qs = QuantState::parse(weight, &qs_t.data)?;
     let shape = Shape::new(qs.shape.clone())?;
     let n = shape.numel();
-    if qs.blocksize == 0 || qs.blocksize % 2 != 0 {
+    if qs.blocksize == 0 || !qs.blocksize.is_multiple_of(2) {
         return Err(bnb_error(weight, format!("blocksize {} is not a positive even number", qs.blocksize)));
     }
     let n_blocks = n.div_ceil(qs.blocksize);

@@ -25,6 +25,10 @@ pub const NF4_BLOCKSIZE: usize = 64;
 pub const NESTED_BLOCKSIZE: usize = 256;
 
 /// The NF4 code book, index → value (bitsandbytes' `quant_map` for "nf4").
+///
+/// Written with the reference's digits so each entry can be compared with its source; they
+/// round to the same f32.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -47,6 +51,7 @@ pub const NF4_CODE: [f32; 16] = [
 /// Decision thresholds between neighbouring codes, ascending, as the reference's quantization
 /// tree compares them (f32 literals; these are the midpoints of the code book rounded the way the
 /// reference rounded them, not recomputed midpoints: the last bit decides ties).
+#[allow(clippy::excessive_precision)]
 const NF4_THRESHOLDS: [f32; 15] = [
     -0.848_096_400_499_343_9,
     -0.610_632_926_225_662_2,
@@ -193,6 +198,9 @@ pub struct DoubleQuant {
 }
 
 /// How the per-block scales of an NF4 tensor are stored.
+// The double-quantized variant carries its 1 KiB code book inline: one per weight matrix, so
+// boxing it would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Absmax {
     /// Plain f32 scales (`compress_statistics=False`).
@@ -233,7 +241,7 @@ impl Nf4Tensor {
         double_quant: bool,
     ) -> Result<Self> {
         check_len("Nf4Tensor::quantize", "values", values.len(), shape.numel())?;
-        if blocksize == 0 || blocksize % 2 != 0 {
+        if blocksize == 0 || !blocksize.is_multiple_of(2) {
             return Err(crate::error::invalid("Nf4Tensor::quantize", "blocksize", alloc::format!("{blocksize} is not a positive even number")));
         }
         if !dtype.is_float() {
@@ -246,7 +254,7 @@ impl Nf4Tensor {
             for (j, &v) in block.iter().enumerate() {
                 let idx = bi * blocksize + j;
                 let c = nf4_code_of(v * inv);
-                packed[idx / 2] |= if idx % 2 == 0 { c << 4 } else { c };
+                packed[idx / 2] |= if idx.is_multiple_of(2) { c << 4 } else { c };
             }
         }
         let absmax = if double_quant { Absmax::Double(double_quantize(&absmax)) } else { Absmax::F32(absmax) };
@@ -265,7 +273,7 @@ impl Nf4Tensor {
     #[inline]
     pub fn code_at(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 { byte >> 4 } else { byte & 0x0F }
+        if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0F }
     }
 
     /// The per-block scales as f32, decoding double quantization.
@@ -288,6 +296,18 @@ impl Nf4Tensor {
         self.validate()?;
         let absmax = self.absmax_f32()?;
         Ok((0..self.numel()).map(|i| NF4_CODE[self.code_at(i) as usize] * absmax[i / self.blocksize]).collect())
+    }
+
+    /// Dequantizes and rounds to the weight's original dtype (round-to-nearest-even), returned as
+    /// f32: exactly the values a bf16/f16 GEMM sees after the reference stack dequantizes.
+    pub fn dequantize_rounded(&self) -> Result<Vec<f32>> {
+        let mut w = self.dequantize()?;
+        match self.dtype {
+            DType::BF16 => w.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            DType::F16 => w.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            _ => {}
+        }
+        Ok(w)
     }
 
     /// Checks that every buffer has the size the shape and block sizes imply.
@@ -415,7 +435,7 @@ mod tests {
         let t = Nf4Tensor::quantize(&[-2.0, 0.0, 1.0, 2.0], Shape::new([2, 2]).unwrap(), DType::F32, false).unwrap();
         assert_eq!(t.packed, [0x07, 0xCF]);
         assert_eq!(t.absmax, Absmax::F32(alloc::vec![2.0]));
-        assert_eq!(t.dequantize().unwrap(), [-2.0, 0.0, 0.440_709_829_330_444_34 * 2.0, 2.0]);
+        assert_eq!(t.dequantize().unwrap(), [-2.0, 0.0, NF4_CODE[12] * 2.0, 2.0]);
         // An odd element count leaves the last low nibble zero.
         let t = Nf4Tensor::quantize(&[1.0, -1.0, 1.0], Shape::new([3]).unwrap(), DType::BF16, false).unwrap();
         assert_eq!(t.packed, [0xF0, 0xF0]);

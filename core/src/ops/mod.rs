@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod lora;
 pub mod matmul;
+pub mod nf4_gemm;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
