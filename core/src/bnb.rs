@@ -143,7 +143,10 @@ impl QuantState {
         };
         let quant_type = string("quant_type")?;
         if quant_type != "nf4" {
-            return Err(bnb_error(tensor, format!("quant_type is `{quant_type}`; gristmill reads nf4 only (fp4 is not supported)")));
+            return Err(bnb_error(
+                tensor,
+                format!("quant_type is `{quant_type}`; gristmill reads nf4 only (fp4 is not supported)"),
+            ));
         }
         let dtype = DType::parse(&string("dtype")?)?;
         let shape = match get("shape")? {
@@ -159,7 +162,12 @@ impl QuantState {
         let nested = if obj.contains_key("nested_blocksize") {
             let off = match get("nested_offset")? {
                 json::Value::Number(n) => *n as f32,
-                v => return Err(bnb_error(tensor, format!("quant state `nested_offset` should be a number, found {v:?}"))),
+                v => {
+                    return Err(bnb_error(
+                        tensor,
+                        format!("quant state `nested_offset` should be a number, found {v:?}"),
+                    ));
+                }
             };
             Some((uint("nested_blocksize")?, off))
         } else {
@@ -182,25 +190,56 @@ pub fn to_bnb_tensors(weight: &str, t: &Nf4Tensor) -> Result<Vec<RawTensor<'stat
     }];
     let nested = match &t.absmax {
         Absmax::F32(a) => {
-            out.push(RawTensor { name: names.absmax, dtype: DType::F32, shape: alloc::vec![a.len()], data: Cow::Owned(f32_bytes(a)) });
+            out.push(RawTensor {
+                name: names.absmax,
+                dtype: DType::F32,
+                shape: alloc::vec![a.len()],
+                data: Cow::Owned(f32_bytes(a)),
+            });
             None
         }
         Absmax::Double(d) => {
-            out.push(RawTensor { name: names.absmax, dtype: DType::U8, shape: alloc::vec![d.q.len()], data: Cow::Owned(d.q.clone()) });
+            out.push(RawTensor {
+                name: names.absmax,
+                dtype: DType::U8,
+                shape: alloc::vec![d.q.len()],
+                data: Cow::Owned(d.q.clone()),
+            });
             out.push(RawTensor {
                 name: names.nested_absmax,
                 dtype: DType::F32,
                 shape: alloc::vec![d.nested_absmax.len()],
                 data: Cow::Owned(f32_bytes(&d.nested_absmax)),
             });
-            out.push(RawTensor { name: names.nested_quant_map, dtype: DType::F32, shape: alloc::vec![256], data: Cow::Owned(f32_bytes(&d.code)) });
+            out.push(RawTensor {
+                name: names.nested_quant_map,
+                dtype: DType::F32,
+                shape: alloc::vec![256],
+                data: Cow::Owned(f32_bytes(&d.code)),
+            });
             Some((d.nested_blocksize, d.offset))
         }
     };
-    out.push(RawTensor { name: names.quant_map, dtype: DType::F32, shape: alloc::vec![16], data: Cow::Owned(f32_bytes(&NF4_CODE)) });
-    let qs = QuantState { quant_type: "nf4".into(), blocksize: t.blocksize, dtype: t.dtype, shape: t.shape.dims().to_vec(), nested };
+    out.push(RawTensor {
+        name: names.quant_map,
+        dtype: DType::F32,
+        shape: alloc::vec![16],
+        data: Cow::Owned(f32_bytes(&NF4_CODE)),
+    });
+    let qs = QuantState {
+        quant_type: "nf4".into(),
+        blocksize: t.blocksize,
+        dtype: t.dtype,
+        shape: t.shape.dims().to_vec(),
+        nested,
+    };
     let json = qs.to_json().into_bytes();
-    out.push(RawTensor { name: names.quant_state, dtype: DType::U8, shape: alloc::vec![json.len()], data: Cow::Owned(json) });
+    out.push(RawTensor {
+        name: names.quant_state,
+        dtype: DType::U8,
+        shape: alloc::vec![json.len()],
+        data: Cow::Owned(json),
+    });
     Ok(out)
 }
 
@@ -251,7 +290,10 @@ fn expect_u8_len(weight: &str, t: &RawTensor<'_>, len: usize) -> Result<()> {
         return Err(bnb_error(weight, format!("`{}` should be U8, found {}", t.name, t.dtype)));
     }
     if t.data.len() != len {
-        return Err(bnb_error(weight, format!("`{}` should hold {len} bytes for the quant state's shape, found {}", t.name, t.data.len())));
+        return Err(bnb_error(
+            weight,
+            format!("`{}` should hold {len} bytes for the quant state's shape, found {}", t.name, t.data.len()),
+        ));
     }
     Ok(())
 }
@@ -261,7 +303,10 @@ fn f32_values(weight: &str, t: &RawTensor<'_>, len: usize) -> Result<Vec<f32>> {
         return Err(bnb_error(weight, format!("`{}` should be F32, found {}", t.name, t.dtype)));
     }
     if t.data.len() != 4 * len {
-        return Err(bnb_error(weight, format!("`{}` should hold {len} f32 values, found {} bytes", t.name, t.data.len())));
+        return Err(bnb_error(
+            weight,
+            format!("`{}` should hold {len} f32 values, found {} bytes", t.name, t.data.len()),
+        ));
     }
     Ok(t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
@@ -492,7 +537,10 @@ mod json {
         fn parses_and_refuses() {
             let v = parse(r#" {"a": [1, 2.5e-3, -3], "b": "x\"y\u00e9", "c": {"d": null, "e": true}} "#).unwrap();
             let Value::Object(o) = v else { panic!("not an object") };
-            assert_eq!(o["a"], Value::Array(alloc::vec![Value::Number(1.0), Value::Number(2.5e-3), Value::Number(-3.0)]));
+            assert_eq!(
+                o["a"],
+                Value::Array(alloc::vec![Value::Number(1.0), Value::Number(2.5e-3), Value::Number(-3.0)])
+            );
             assert_eq!(o["b"], Value::String("x\"y\u{e9}".into()));
             for bad in ["", "{", "{\"a\" 1}", "[1,]", "\"abc", "{} x", "[1 2]"] {
                 assert!(parse(bad).is_err(), "{bad:?} should fail");
@@ -528,11 +576,18 @@ mod tests {
 
     #[test]
     fn quant_state_json_round_trip() {
-        let qs = QuantState { quant_type: "nf4".into(), blocksize: 64, dtype: DType::BF16, shape: alloc::vec![128, 64], nested: Some((256, 0.0123))};
+        let qs = QuantState {
+            quant_type: "nf4".into(),
+            blocksize: 64,
+            dtype: DType::BF16,
+            shape: alloc::vec![128, 64],
+            nested: Some((256, 0.0123)),
+        };
         let j = qs.to_json();
         assert!(j.starts_with(r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 64], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.0"#), "{j}");
         assert_eq!(QuantState::parse("w", j.as_bytes()).unwrap(), qs);
-        let e = QuantState::parse("w", br#"{"quant_type": "fp4", "blocksize": 64, "dtype": "bfloat16", "shape": [2]}"#).unwrap_err();
+        let e = QuantState::parse("w", br#"{"quant_type": "fp4", "blocksize": 64, "dtype": "bfloat16", "shape": [2]}"#)
+            .unwrap_err();
         assert!(format!("{e}").contains("fp4"), "{e}");
         let e = QuantState::parse("w", br#"{"quant_type": "nf4", "dtype": "bfloat16", "shape": [2]}"#).unwrap_err();
         assert_eq!(format!("{e}"), "bitsandbytes 4-bit `w`: quant state has no `blocksize`");

@@ -41,11 +41,7 @@ pub enum Error {
 /// Checks that a buffer has exactly the length an operation needs.
 #[inline]
 pub fn check_len(op: &'static str, what: &'static str, found: usize, expected: usize) -> Result<()> {
-    if found == expected {
-        Ok(())
-    } else {
-        Err(Error::Shape { op, what, expected, found })
-    }
+    if found == expected { Ok(()) } else { Err(Error::Shape { op, what, expected, found }) }
 }
 
 /// Multiplies dimensions, failing instead of wrapping.

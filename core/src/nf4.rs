@@ -116,9 +116,7 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     }
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
-        .collect()
+    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 }).collect()
 }
 
 /// The 8-bit code of `x` in an ascending 256-entry code book, as the reference's blockwise
@@ -242,10 +240,18 @@ impl Nf4Tensor {
     ) -> Result<Self> {
         check_len("Nf4Tensor::quantize", "values", values.len(), shape.numel())?;
         if blocksize == 0 || !blocksize.is_multiple_of(2) {
-            return Err(crate::error::invalid("Nf4Tensor::quantize", "blocksize", alloc::format!("{blocksize} is not a positive even number")));
+            return Err(crate::error::invalid(
+                "Nf4Tensor::quantize",
+                "blocksize",
+                alloc::format!("{blocksize} is not a positive even number"),
+            ));
         }
         if !dtype.is_float() {
-            return Err(crate::error::invalid("Nf4Tensor::quantize", "dtype", alloc::format!("{dtype} is not a float type")));
+            return Err(crate::error::invalid(
+                "Nf4Tensor::quantize",
+                "dtype",
+                alloc::format!("{dtype} is not a float type"),
+            ));
         }
         let absmax = block_absmax(values, blocksize);
         let mut packed = alloc::vec![0u8; values.len().div_ceil(2)];
@@ -344,7 +350,11 @@ impl Nf4Tensor {
 pub fn double_quantize(absmax: &[f32]) -> DoubleQuant {
     // The mean is taken in f64 and rounded once: the reference's device-side reduction rounds
     // differently in the last bit at most, which the 8-bit codes absorb.
-    let offset = if absmax.is_empty() { 0.0 } else { (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len() as f64) as f32 };
+    let offset = if absmax.is_empty() {
+        0.0
+    } else {
+        (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len() as f64) as f32
+    };
     let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let code = dynamic_map_signed();
     let (q, nested_absmax) = quantize_blockwise_8bit(&centered, &code, NESTED_BLOCKSIZE);

@@ -78,10 +78,12 @@ mod tests {
 
     #[test]
     fn deterministic_and_seed_dependent() {
-        let a: alloc::vec::Vec<u64> = (0..4).map({
-            let mut r = Rng::new(7);
-            move |_| r.next_u64()
-        }).collect();
+        let a: alloc::vec::Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
         let mut r = Rng::new(7);
         for &x in &a {
             assert_eq!(r.next_u64(), x);

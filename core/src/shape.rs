@@ -60,7 +60,12 @@ impl Shape {
     pub fn reshape(&self, dims: impl Into<Vec<usize>>) -> Result<Self> {
         let new = Self::new(dims)?;
         if new.numel() != self.numel() {
-            return Err(Error::Shape { op: "reshape", what: "element count", expected: self.numel(), found: new.numel() });
+            return Err(Error::Shape {
+                op: "reshape",
+                what: "element count",
+                expected: self.numel(),
+                found: new.numel(),
+            });
         }
         Ok(new)
     }

@@ -22,3 +22,5 @@ impl std::fmt::Display for Device {
         }
     }
 }
+
+pub mod selfcheck;
