@@ -4,6 +4,18 @@
 //! generator: runs are reproducible across gristmill builds and machines, not bit-identical to
 //! torch's; golden tests therefore load the reference's initial weights instead of re-drawing them.
 
+/// SplitMix64's increment (2^64 / φ, odd).
+pub const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: a bijective mix of 64 bits. Also the core of the counter-based
+/// draws (dropout masks) that GPU threads regenerate element by element.
+#[inline]
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// xoshiro256++ seeded through SplitMix64.
 #[derive(Debug, Clone)]
 pub struct Rng {
@@ -15,11 +27,8 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         let mut sm = seed;
         let mut next = || {
-            sm = sm.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = sm;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            sm = sm.wrapping_add(GOLDEN_GAMMA);
+            mix64(sm)
         };
         Self { s: [next(), next(), next(), next()] }
     }

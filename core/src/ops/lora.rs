@@ -9,7 +9,9 @@
 //! values.
 
 use crate::error::{check_len, checked_product, invalid};
+use crate::ops::matmul::{Trans, matmul_fwd_ref as matmul};
 use crate::rng::Rng;
+use crate::rng::{GOLDEN_GAMMA, mix64};
 use crate::{Real, Result};
 use alloc::format;
 use alloc::vec;
@@ -56,38 +58,6 @@ impl LoraDims {
         }
         Ok(())
     }
-}
-
-/// How an operand of [`matmul`] is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trans {
-    N,
-    T,
-}
-
-/// C (M, N) = op(A) op(B), A stored (M, K) for N and (K, M) for T, B stored (K, N) for N and
-/// (N, K) for T. Callers have checked the lengths.
-// Private stand-in written before `crate::ops::matmul` existed: switch to `matmul_fwd_ref` there.
-fn matmul<T: Real>(a: &[T], b: &[T], m: usize, k: usize, n: usize, ta: Trans, tb: Trans) -> Vec<T> {
-    let mut c = vec![T::ZERO; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let mut acc = T::ZERO;
-            for l in 0..k {
-                let av = match ta {
-                    Trans::N => a[i * k + l],
-                    Trans::T => a[l * m + i],
-                };
-                let bv = match tb {
-                    Trans::N => b[l * n + j],
-                    Trans::T => b[j * k + l],
-                };
-                acc += av * bv;
-            }
-            c[i * n + j] = acc;
-        }
-    }
-    c
 }
 
 /// x∘mask, the adapter's input; x itself without a mask.
@@ -148,9 +118,9 @@ pub fn lora_fwd_ref<T: Real>(
     check_common("lora_fwd_ref", x, w, a, b, dims, dropout_mask)?;
     let LoraDims { m, k, n, r } = *dims;
     let xd = masked(x, dropout_mask);
-    let mut y = matmul(x, w, m, k, n, Trans::N, Trans::T);
-    let u = matmul(&xd, a, m, k, r, Trans::N, Trans::T);
-    let adapter = matmul(&u, b, m, r, n, Trans::N, Trans::T);
+    let mut y = matmul(x, w, m, k, n, Trans::N, Trans::T)?;
+    let u = matmul(&xd, a, m, k, r, Trans::N, Trans::T)?;
+    let adapter = matmul(&u, b, m, r, n, Trans::N, Trans::T)?;
     for (yv, &av) in y.iter_mut().zip(&adapter) {
         *yv += scale * av;
     }
@@ -195,30 +165,20 @@ pub fn lora_bwd_ref<T: Real>(
     check_len(OP, "dy", dy.len(), m * n)?;
     let xd = masked(x, dropout_mask);
 
-    let v = matmul(dy, b, m, n, r, Trans::N, Trans::N);
-    let mut dx = matmul(dy, w, m, n, k, Trans::N, Trans::N);
+    let v = matmul(dy, b, m, n, r, Trans::N, Trans::N)?;
+    let mut dx = matmul(dy, w, m, n, k, Trans::N, Trans::N)?;
     // The adapter path saw x∘mask, so its share of dx goes back through the same mask.
-    let dxd = matmul(&v, a, m, r, k, Trans::N, Trans::N);
+    let dxd = matmul(&v, a, m, r, k, Trans::N, Trans::N)?;
     let dxd = masked(&dxd, dropout_mask);
     for (d, &e) in dx.iter_mut().zip(&dxd) {
         *d += scale * e;
     }
-    let mut da = matmul(&v, &xd, r, m, k, Trans::T, Trans::N);
-    let mut db = matmul(dy, u, n, m, r, Trans::T, Trans::N);
+    let mut da = matmul(&v, &xd, r, m, k, Trans::T, Trans::N)?;
+    let mut db = matmul(dy, u, n, m, r, Trans::T, Trans::N)?;
     for g in da.iter_mut().chain(db.iter_mut()) {
         *g *= scale;
     }
     Ok(LoraGrads { dx, da, db, v })
-}
-
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's output function: a bijective mix of 64 bits.
-#[inline]
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A uniform number in [0, 1) that depends only on `(seed, i)`: the dropout mask's element `i`.
