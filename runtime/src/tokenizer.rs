@@ -613,7 +613,7 @@ fn raw_decode(inner: &tokenizers::Tokenizer, ids: &[u32], skip: bool) -> Result<
 /// incomplete character (U+FFFD). This is the scheme of `tokenizers`' own `DecodeStream`; ours
 /// owns its tokenizer (no lifetime to thread through a generation loop), refuses unknown ids and
 /// has [`DecodeStream::flush`] to emit what is held back when generation stops.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DecodeStream {
     inner: Arc<tokenizers::Tokenizer>,
     skip_special_tokens: bool,
@@ -624,6 +624,16 @@ pub struct DecodeStream {
     prefix_offset: usize,
     /// `ids[read_offset..]` is not emitted yet.
     read_offset: usize,
+}
+
+impl std::fmt::Debug for DecodeStream {
+    // The derived form would print the whole vocabulary.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodeStream")
+            .field("skip_special_tokens", &self.skip_special_tokens)
+            .field("pending_ids", &&self.ids[self.read_offset..])
+            .finish()
+    }
 }
 
 impl DecodeStream {
@@ -1551,6 +1561,13 @@ mod tests {
         let tok = with_template(&dir, json!("{% for m in messages %}"));
         let msg = tok.apply_chat_template(&[], false).unwrap_err().to_string();
         assert!(msg.starts_with("tokenizer: chat template: syntax error"), "{msg}");
+    }
+
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<DecodeStream>();
     }
 
     #[test]
