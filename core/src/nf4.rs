@@ -82,42 +82,50 @@ pub fn nf4_code_of(x: f32) -> u8 {
 }
 
 /// bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map(signed=True)`: 7 exponent bits,
-/// 8 bits in all), the code book of the second-level quantization. 256 values, ascending.
+/// 8 bits in all), the code book of the second-level quantization: 256 values, ascending.
 ///
-/// Each decade 10^(i−6), i = 0..7, holds 2^i values on each side of zero: the midpoints of
-/// `linspace(0.1, 1, 2^i + 1)` scaled by the decade, plus 0 and 1. Built in f32 in the order the
-/// reference builds it (its linspace computes the first half forwards from the start and the
-/// second half backwards from the end) so the table matches the one it stores in checkpoints.
+/// Each decade 10^(i−6), i = 0..7, holds 2^i values on each side of zero — the midpoints of
+/// `linspace(0.1, 1, 2^i + 1)` scaled by the decade — plus 0 and 1. The reference builds it with
+/// vectorized f32 arithmetic whose rounding depends on how its CPU kernels split the work, so a
+/// recomputation differs from it in the last bit of 38 entries; these are the exact f32 bits it
+/// stores in checkpoints (read from the golden fixture `nf4_golden.safetensors`,
+/// `w.nested_code`). The test `dynamic_map_matches_its_formula` checks every entry against the
+/// formula to two ulps.
 pub fn dynamic_map_signed() -> [f32; 256] {
-    let mut data: Vec<f32> = Vec::with_capacity(256);
-    for i in 0..7i32 {
-        let steps = (1usize << i) + 1;
-        let b = linspace_f32(0.1, 1.0, steps);
-        let decade = libm::pow(10.0, f64::from(i - 6)) as f32;
-        for w in b.windows(2) {
-            let mean = (w[0] + w[1]) / 2.0;
-            data.push(decade * mean);
-            data.push(-decade * mean);
-        }
-    }
-    data.push(0.0);
-    data.push(1.0);
-    // All 256 entries are finite and distinct, so the order is total.
-    data.sort_by(|a, b| a.partial_cmp(b).unwrap_or(core::cmp::Ordering::Equal));
-    let mut out = [0f32; 256];
-    out.copy_from_slice(&data);
-    out
+    DYNAMIC_MAP_SIGNED_BITS.map(f32::from_bits)
 }
 
-/// torch.linspace(start, end, steps) in f32 as its scalar CPU path computes it.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    if steps == 1 {
-        return alloc::vec![start];
-    }
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 }).collect()
-}
+const DYNAMIC_MAP_SIGNED_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000, 0xbf616666,
+    0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333, 0xbf44999a, 0xbf410000,
+    0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666, 0xbf27cccd, 0xbf243334, 0xbf20999a,
+    0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a, 0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333,
+    0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a, 0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a,
+    0xbeb86666, 0xbeb13333, 0xbeaa0000, 0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999,
+    0xbe6f3333, 0xbe60cccd, 0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000,
+    0xbddb3334, 0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d, 0xbd5b851f,
+    0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148, 0xbcfeb852, 0xbce7ae15,
+    0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148, 0xbc1f3b64, 0xbc160418, 0xbc0ccccd,
+    0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4, 0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a,
+    0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d, 0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01,
+    0xb9c7e283, 0xb98ce705, 0xb923d70b, 0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94,
+    0xb513a3b7, 0x00000000, 0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b,
+    0x3923d70b, 0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4, 0x3bcfdf3b,
+    0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148, 0x3c68f5c3, 0x3c8b851f,
+    0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148, 0x3d166667, 0x3d21eb85, 0x3d2d70a3,
+    0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d, 0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d,
+    0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a, 0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667,
+    0x3dc428f7, 0x3dc9eb85, 0x3ddb3334, 0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000,
+    0x3e526666, 0x3e60cccd, 0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc,
+    0x3eaa0000, 0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a, 0x3f123334,
+    0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666, 0x3f2f0000, 0x3f32999a,
+    0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333, 0x3f4bcccd, 0x3f4f6666, 0x3f530000,
+    0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000, 0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666,
+    0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
 
 /// The 8-bit code of `x` in an ascending 256-entry code book, as the reference's blockwise
 /// quantizer picks it: a 7-step binary search from the middle, then the nearer of the two
@@ -263,6 +271,14 @@ impl Nf4Tensor {
                 packed[idx / 2] |= if idx.is_multiple_of(2) { c << 4 } else { c };
             }
         }
+        // An odd element count leaves a low nibble over: the reference quantizes the zero it pads
+        // the last block with (code 7, or code 0 when that block's absmax is 0 and 0·∞ is NaN).
+        if values.len() % 2 == 1 {
+            let inv_last = 1.0f32 / absmax.last().copied().unwrap_or(0.0);
+            if let Some(b) = packed.last_mut() {
+                *b |= nf4_code_of(0.0 * inv_last);
+            }
+        }
         let absmax = if double_quant { Absmax::Double(double_quantize(&absmax)) } else { Absmax::F32(absmax) };
         Ok(Self { shape, dtype, packed, blocksize, absmax })
     }
@@ -348,12 +364,13 @@ impl Nf4Tensor {
 
 /// Second-level quantization of a block-scale vector (bitsandbytes' `compress_statistics`).
 pub fn double_quantize(absmax: &[f32]) -> DoubleQuant {
-    // The mean is taken in f64 and rounded once: the reference's device-side reduction rounds
-    // differently in the last bit at most, which the 8-bit codes absorb.
+    // The reference's mean is its sum times the f32 reciprocal of the count (two roundings, not a
+    // correctly rounded division): the golden fixtures show the difference in the last bit. The
+    // sum is taken in f64 and rounded once; sums of bf16-valued scales are exact in f32 anyway.
     let offset = if absmax.is_empty() {
         0.0
     } else {
-        (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len() as f64) as f32
+        (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() as f32) * (1.0f32 / absmax.len() as f32)
     };
     let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let code = dynamic_map_signed();
@@ -404,6 +421,39 @@ mod tests {
         }
     }
 
+    /// torch.linspace(start, end, steps) in f32 as its scalar CPU path computes it.
+    fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+        if steps == 1 {
+            return alloc::vec![start];
+        }
+        let step = (end - start) / (steps - 1) as f32;
+        let half = steps / 2;
+        (0..steps)
+            .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+            .collect()
+    }
+
+    #[test]
+    fn dynamic_map_matches_its_formula() {
+        let mut data: Vec<f32> = Vec::new();
+        for i in 0..7i32 {
+            let b = linspace_f32(0.1, 1.0, (1usize << i) + 1);
+            let decade = libm::pow(10.0, f64::from(i - 6)) as f32;
+            for w in b.windows(2) {
+                let mean = (w[0] + w[1]) / 2.0;
+                data.push(decade * mean);
+                data.push(-decade * mean);
+            }
+        }
+        data.push(0.0);
+        data.push(1.0);
+        data.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        for (i, (&t, &f)) in dynamic_map_signed().iter().zip(&data).enumerate() {
+            let ulps = (t.to_bits() as i64 - f.to_bits() as i64).abs();
+            assert!(ulps <= 2, "entry {i}: table {t:e} vs formula {f:e} ({ulps} ulps)");
+        }
+    }
+
     #[test]
     fn dynamic_map_shape() {
         let m = dynamic_map_signed();
@@ -446,9 +496,9 @@ mod tests {
         assert_eq!(t.packed, [0x07, 0xCF]);
         assert_eq!(t.absmax, Absmax::F32(alloc::vec![2.0]));
         assert_eq!(t.dequantize().unwrap(), [-2.0, 0.0, NF4_CODE[12] * 2.0, 2.0]);
-        // An odd element count leaves the last low nibble zero.
+        // An odd element count pads the last low nibble with the code of 0 (7).
         let t = Nf4Tensor::quantize(&[1.0, -1.0, 1.0], Shape::new([3]).unwrap(), DType::BF16, false).unwrap();
-        assert_eq!(t.packed, [0xF0, 0xF0]);
+        assert_eq!(t.packed, [0xF0, 0xF7]);
     }
 
     #[test]

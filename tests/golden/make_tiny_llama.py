@@ -10,15 +10,16 @@ Writes, under OUT (default $OUT):
                                               double quant) and saved by transformers: a real
                                               "bnb-4bit" checkpoint
   tiny_llama_bnb4/golden.safetensors          the logits of that 4-bit model on the GPU (compute
-                                              dtype float32)
+                                              dtype float32, the rest of the model in bf16)
+  tiny_llama_bnb4_f32/...                     the same with the whole model in float32
   nf4_golden.safetensors                      inputs and outputs of bnb.functional.quantize_4bit
                                               (nf4, blocksize 64, compress_statistics) on CUDA:
                                               a bf16 weight with a ragged last block and a zero
                                               block, and an f32 vector sitting on the decision
                                               thresholds (ties)
 
-Run (on the GPU machine, with the bitsandbytes wheel installed):
-  python3 tests/golden/make_tiny_llama.py
+Run (on the GPU machine, with the bitsandbytes wheel installed; scripts/gpu-fixtures does it):
+  python3 tests/golden/make_tiny_llama.py OUT_DIR
 """
 
 import json
@@ -132,8 +133,23 @@ for f in ["config.json", "model.safetensors"]:
     shutil.copy(os.path.join(src4, f), dst4)
 save_file({"input_ids": ids.float().contiguous(), "logits": logits4.contiguous()}, os.path.join(dst4, "golden.safetensors"))
 
+# The same in float32 throughout (non-quantized parts f32, quant state dtype float32), so that the
+# 4-bit path can be matched tightly, without bf16 activations in the way.
+m4f = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, torch_dtype=torch.float32,
+                                           attn_implementation="eager", device_map={"": 0})
+m4f.eval()
+with torch.no_grad():
+    logits4f = m4f(ids.cuda()).logits.float().cpu()
+src4f = os.path.join(tmp, "tiny_llama_bnb4_f32")
+m4f.save_pretrained(src4f, safe_serialization=True)
+dst4f = os.path.join(OUT, "tiny_llama_bnb4_f32")
+os.makedirs(dst4f, exist_ok=True)
+for f in ["config.json", "model.safetensors"]:
+    shutil.copy(os.path.join(src4f, f), dst4f)
+save_file({"input_ids": ids.float().contiguous(), "logits": logits4f.contiguous()}, os.path.join(dst4f, "golden.safetensors"))
+
 print("versions: torch", torch.__version__, "transformers", transformers.__version__, "bitsandbytes", bnb.__version__)
 print("gpu:", torch.cuda.get_device_name(0))
-print("logits f32 range", logits.min().item(), logits.max().item(), "bnb4 vs f32 max diff", (logits4 - logits).abs().max().item())
+print("logits f32 range", logits.min().item(), logits.max().item(), "bnb4 vs f32 max diff", (logits4 - logits).abs().max().item(), "bnb4 bf16 vs bnb4 f32", (logits4 - logits4f).abs().max().item())
 for k in sorted(os.listdir(dst4)):
     print("bnb4:", k, os.path.getsize(os.path.join(dst4, k)))
