@@ -11,11 +11,13 @@
 
 pub use gristmill_core as core;
 
+pub mod adapter;
 pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod inspect;
 pub mod model;
 pub mod safetensors;
 pub mod selfcheck;
