@@ -541,8 +541,10 @@ fn parse_rope(f: &Fields<'_>, head_dim: usize) -> Result<RopeConfig> {
         }
     };
     let rope = RopeConfig { theta, head_dim, scaling };
-    // The same checks the model will make, made now so a bad factor names the file.
-    rope_inv_freq(&rope).map_err(|e| f.err(format!("rope: {e}")))?;
+    // The same checks of theta and the factors the model will make, made now so that a bad one
+    // names the file. They do not depend on the head size, so check with the smallest one: the
+    // real head_dim comes from the file and must not size an allocation before it is trusted.
+    rope_inv_freq(&RopeConfig { head_dim: 2, ..rope }).map_err(|e| f.err(format!("rope: {e}")))?;
     Ok(rope)
 }
 
@@ -594,4 +596,312 @@ fn parse_float_dtype(s: &str) -> Option<DType> {
 /// An f32 as the shortest decimal that reads back to it (1e-5, not 9.999999747378752e-06).
 fn json_f32(x: f32) -> Value {
     x.to_string().parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA_32_1B: &str = r#"{
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 64,
+      "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+      "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+      "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05,
+      "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+      "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers_version": "4.45.0.dev0", "use_cache": true, "vocab_size": 128256
+    }"#;
+
+    const SMOLLM2_135M: &str = r#"{
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+      "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": true,
+      "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 9,
+      "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1,
+      "rms_norm_eps": 1e-05, "rope_interleaved": false, "rope_scaling": null, "rope_theta": 100000,
+      "tie_word_embeddings": true, "torch_dtype": "bfloat16", "transformers_version": "4.42.3",
+      "use_cache": true, "vocab_size": 49152
+    }"#;
+
+    const QWEN2_05B: &str = r#"{
+      "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+      "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+      "intermediate_size": 4864, "max_position_embeddings": 131072, "max_window_layers": 24,
+      "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+      "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+      "sliding_window": 131072, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+      "transformers_version": "4.40.1", "use_cache": true, "use_sliding_window": false,
+      "vocab_size": 151936
+    }"#;
+
+    const MISTRAL_7B: &str = r#"{
+      "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+      "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+      "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+      "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+      "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+      "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0",
+      "use_cache": true, "vocab_size": 32000
+    }"#;
+
+    fn parse(text: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(text, "m/config.json")
+    }
+
+    /// `base` with `edits` applied (`null` removes a key).
+    fn edited(base: &str, edits: serde_json::Value) -> String {
+        let mut v: Value = serde_json::from_str(base).unwrap();
+        for (k, e) in edits.as_object().unwrap() {
+            if e.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = e.clone();
+            }
+        }
+        v.to_string()
+    }
+
+    fn err(text: &str) -> String {
+        format!("{}", parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn llama_3_2_1b() {
+        let c = parse(LLAMA_32_1B).unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!((c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers), (128256, 2048, 8192, 16));
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (32, 8, 64));
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert_eq!(
+            c.rope,
+            RopeConfig {
+                theta: 500000.0,
+                head_dim: 64,
+                scaling: RopeScaling::Llama3 {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192
+                }
+            }
+        );
+        assert!(c.tie_word_embeddings);
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.as_slice(), c.pad_token_id),
+            (Some(128000), &[128001, 128008, 128009][..], None)
+        );
+        assert_eq!((c.max_position_embeddings, c.sliding_window, c.torch_dtype), (131072, None, Some(DType::BF16)));
+        assert_eq!(c.param_count(), 1_235_814_400);
+        assert_eq!(c.bnb_4bit, None);
+    }
+
+    #[test]
+    fn smollm2_135m() {
+        let c = parse(SMOLLM2_135M).unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!((c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers), (49152, 576, 1536, 30));
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (9, 3, 64));
+        assert_eq!(c.rope, RopeConfig { theta: 100000.0, head_dim: 64, scaling: RopeScaling::None });
+        assert!(c.tie_word_embeddings);
+        assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice(), c.pad_token_id), (Some(1), &[2][..], Some(2)));
+        assert_eq!(c.param_count(), 134_515_008);
+        assert_eq!(
+            c.linear_shapes(),
+            [
+                ("q_proj", 576, 576),
+                ("k_proj", 192, 576),
+                ("v_proj", 192, 576),
+                ("o_proj", 576, 576),
+                ("gate_proj", 1536, 576),
+                ("up_proj", 1536, 576),
+                ("down_proj", 576, 1536)
+            ]
+        );
+    }
+
+    #[test]
+    fn qwen2_0_5b() {
+        let c = parse(QWEN2_05B).unwrap();
+        assert_eq!(c.arch, Arch::Qwen2);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (14, 2, 64));
+        assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!(c.rms_norm_eps, 1e-6);
+        assert_eq!(c.rope.theta, 1_000_000.0);
+        // use_sliding_window is false: full attention however large sliding_window is.
+        assert_eq!(c.sliding_window, None);
+        assert_eq!(c.param_count(), 494_032_768);
+        // With the window switched on for some layers, we refuse rather than attend wrongly.
+        let e = err(&edited(QWEN2_05B, serde_json::json!({"use_sliding_window": true, "max_window_layers": 21})));
+        assert_eq!(
+            e,
+            "unsupported: m/config.json: qwen2 sliding-window attention on layers 21..24 (use_sliding_window) is not supported"
+        );
+    }
+
+    #[test]
+    fn mistral_7b() {
+        let c = parse(MISTRAL_7B).unwrap();
+        assert_eq!(c.arch, Arch::Mistral);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (32, 8, 128));
+        assert_eq!(c.sliding_window, Some(4096));
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.param_count(), 7_241_732_096);
+    }
+
+    #[test]
+    fn defaults_and_variants() {
+        // No num_key_value_heads, head_dim or rope_theta: MHA, hidden/heads, 10000.
+        let c = parse(&edited(
+            SMOLLM2_135M,
+            serde_json::json!({"num_key_value_heads": null, "rope_theta": null, "eos_token_id": null, "hidden_act": null}),
+        ))
+        .unwrap();
+        assert_eq!((c.num_kv_heads, c.head_dim, c.rope.theta), (9, 64, 10000.0));
+        assert!(c.eos_token_ids.is_empty());
+        // attention_bias and mlp_bias on llama.
+        let c = parse(&edited(SMOLLM2_135M, serde_json::json!({"attention_bias": true, "mlp_bias": true}))).unwrap();
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+        let plain = parse(SMOLLM2_135M).unwrap().param_count();
+        assert_eq!(c.param_count() - plain, 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576));
+        // Old `type` key, linear scaling.
+        let c = parse(&edited(SMOLLM2_135M, serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}})))
+            .unwrap();
+        assert_eq!(c.rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        let c = parse(&edited(SMOLLM2_135M, serde_json::json!({"rope_scaling": {"rope_type": "default"}}))).unwrap();
+        assert_eq!(c.rope.scaling, RopeScaling::None);
+        // transformers 5: rope_parameters holds theta and the scaling; dtype replaces torch_dtype.
+        let c = parse(&edited(
+            LLAMA_32_1B,
+            serde_json::json!({
+                "rope_scaling": null, "rope_theta": null, "torch_dtype": null, "dtype": "float16",
+                "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                    "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+            }),
+        ))
+        .unwrap();
+        assert_eq!(c.rope, parse(LLAMA_32_1B).unwrap().rope);
+        assert_eq!(c.torch_dtype, Some(DType::F16));
+        let c = parse(&edited(
+            SMOLLM2_135M,
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}),
+        ))
+        .unwrap();
+        assert_eq!(c.rope, RopeConfig { theta: 100000.0, head_dim: 64, scaling: RopeScaling::None });
+    }
+
+    #[test]
+    fn bnb_quantization_config() {
+        let q = serde_json::json!({"quantization_config": {
+            "_load_in_4bit": true, "_load_in_8bit": false, "bnb_4bit_compute_dtype": "bfloat16",
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": true,
+            "llm_int8_enable_fp32_cpu_offload": false, "llm_int8_has_fp16_weight": false,
+            "llm_int8_skip_modules": null, "llm_int8_threshold": 6.0, "load_in_4bit": true,
+            "load_in_8bit": false, "quant_method": "bitsandbytes"}});
+        let c = parse(&edited(LLAMA_32_1B, q)).unwrap();
+        assert_eq!(
+            c.bnb_4bit,
+            Some(BnbQuantConfig { quant_type: "nf4".into(), double_quant: true, compute_dtype: DType::BF16 })
+        );
+        let e =
+            err(&edited(LLAMA_32_1B, serde_json::json!({"quantization_config": {"quant_method": "gptq", "bits": 4}})));
+        assert_eq!(
+            e,
+            "unsupported: m/config.json: quantization_config.quant_method `gptq` is not supported (gristmill reads bitsandbytes 4-bit)"
+        );
+        let e = err(&edited(
+            LLAMA_32_1B,
+            serde_json::json!({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": true}}),
+        ));
+        assert_eq!(e, "unsupported: m/config.json: bitsandbytes 8-bit checkpoints are not supported (4-bit NF4 only)");
+    }
+
+    #[test]
+    fn exact_error_messages() {
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"model_type": "gpt2"})));
+        assert_eq!(e, "config: m/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2)");
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"model_type": "gemma2"})));
+        assert_eq!(
+            e,
+            "config: m/config.json: model_type `gemma2` is not supported yet (supported: llama, mistral, qwen2)"
+        );
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"model_type": null})));
+        assert_eq!(e, "config: m/config.json: missing field `model_type`");
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"hidden_size": null})));
+        assert_eq!(e, "config: m/config.json: missing field `hidden_size`");
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"intermediate_size": "1536"})));
+        assert_eq!(
+            e,
+            "config: m/config.json: field `intermediate_size` should be a non-negative integer, found \"1536\""
+        );
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"num_hidden_layers": 0})));
+        assert_eq!(e, "config: m/config.json: field `num_hidden_layers` must be positive, found 0");
+        for (kind, word) in [("dynamic", "dynamic"), ("yarn", "yarn"), ("longrope", "longrope")] {
+            let e = err(&edited(SMOLLM2_135M, serde_json::json!({"rope_scaling": {"rope_type": kind, "factor": 4.0}})));
+            assert_eq!(
+                e,
+                format!(
+                    "unsupported: m/config.json: rope_scaling type `{word}` is not supported (supported: default, linear, llama3)"
+                )
+            );
+        }
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"rope_scaling": {"rope_type": "wobbly"}})));
+        assert_eq!(
+            e,
+            "config: m/config.json: rope_scaling type `wobbly` is unknown (supported: default, linear, llama3)"
+        );
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})));
+        assert_eq!(e, "config: m/config.json: missing field `rope_scaling.low_freq_factor`");
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"num_key_value_heads": 2})));
+        assert_eq!(e, "config: m/config.json: num_attention_heads (9) must be a multiple of num_key_value_heads (2)");
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"num_attention_heads": 7, "num_key_value_heads": 7})));
+        assert_eq!(
+            e,
+            "config: m/config.json: hidden_size (576) is not divisible by num_attention_heads (7) and no head_dim is given"
+        );
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"hidden_act": "gelu"})));
+        assert_eq!(e, "config: m/config.json: hidden_act `gelu` is not supported: Llama-family MLPs use `silu`");
+        let e = err(&edited(SMOLLM2_135M, serde_json::json!({"vocab_size": 1u64 << 40, "hidden_size": 576u64 << 30})));
+        assert_eq!(e, "config: m/config.json: the model's sizes overflow: parameter count does not fit in usize");
+        let e = err(&edited(
+            SMOLLM2_135M,
+            serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}}),
+        ));
+        assert!(e.starts_with("config: m/config.json: rope: ") && e.contains("high_freq_factor"), "{e}");
+        assert_eq!(err("[1, 2]"), "m/config.json: a config.json must hold a JSON object");
+        assert!(err("{").starts_with("m/config.json: invalid JSON: "));
+        let e = format!("{}", ModelConfig::from_file("/nonexistent/config.json").unwrap_err());
+        assert!(e.starts_with("/nonexistent/config.json: "), "{e}");
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let bnb = edited(
+            LLAMA_32_1B,
+            serde_json::json!({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true,
+                "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": true, "bnb_4bit_compute_dtype": "bfloat16"}}),
+        );
+        let linear = edited(SMOLLM2_135M, serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.5}}));
+        let biased =
+            edited(SMOLLM2_135M, serde_json::json!({"attention_bias": true, "mlp_bias": true, "torch_dtype": null}));
+        for text in [LLAMA_32_1B, SMOLLM2_135M, QWEN2_05B, MISTRAL_7B, &bnb, &linear, &biased] {
+            let c = parse(text).unwrap();
+            let j = c.to_hf_json();
+            assert_eq!(j["architectures"][0], c.arch.hf_architecture());
+            let back = ModelConfig::from_json_str(&j.to_string(), "<gguf>").unwrap();
+            assert_eq!(back, c, "{j}");
+        }
+        let j = parse(SMOLLM2_135M).unwrap().to_hf_json();
+        // Floats are written as their shortest f32 decimal.
+        assert_eq!(j["rms_norm_eps"].as_f64(), Some(1e-5));
+        assert_eq!(j["rope_scaling"], Value::Null);
+        assert_eq!(j["eos_token_id"], 2);
+        let j = parse(LLAMA_32_1B).unwrap().to_hf_json();
+        assert_eq!(j["rope_scaling"]["rope_type"], "llama3");
+        assert_eq!(j["eos_token_id"], serde_json::json!([128001, 128008, 128009]));
+    }
 }
