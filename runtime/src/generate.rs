@@ -199,6 +199,10 @@ pub fn generate(
     let mut held = 0usize;
     let max_stop = cfg.stop.iter().map(String::len).max().unwrap_or(0);
 
+    // Embedding tables are often padded past the tokenizer's vocabulary (to a multiple of 64 or
+    // 128); those rows were never trained and have no text, so they are never sampled.
+    let unused: Vec<usize> = (0..model.cfg.vocab_size).filter(|&id| tok.id_to_token(id as u32).is_none()).collect();
+
     let t0 = Instant::now();
     let mut logits = model.forward(prompt, &mut cache, false)?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -207,6 +211,9 @@ pub fn generate(
     let stop = loop {
         if ids.len() >= cfg.max_new_tokens {
             break StopReason::MaxTokens;
+        }
+        for &u in &unused {
+            logits[u] = f32::NEG_INFINITY;
         }
         let id = sampler.sample(&mut logits, &history);
         if tok.is_eos(id) {
