@@ -219,13 +219,14 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         }
         let mut out = stdout.lock();
         let mut write_err = None;
-        let g: Generation = generate(&model, &tok, &ids, &sampling, &mut |piece| {
-            match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                Ok(()) => true,
-                Err(e) => {
-                    write_err = Some(e);
-                    false
-                }
+        let g: Generation = generate(&model, &tok, &ids, &sampling, &mut |piece| match out
+            .write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+        {
+            Ok(()) => true,
+            Err(e) => {
+                write_err = Some(e);
+                false
             }
         })?;
         if let Some(e) = write_err {
@@ -266,7 +267,7 @@ fn import_gguf(gguf: &Path, out: &Path, dtype: OutDType) -> Result<()> {
     let tty = std::io::stderr().is_terminal();
     let summary = gristmill::gguf::import_gguf(gguf, out, &opts, &mut |done, total| {
         // One line that redraws itself: a progress bar without a dependency (terminals only).
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if tty && (pct != last || done == total) {
             last = pct;
             let bar = "#".repeat(pct / 4);

@@ -44,10 +44,10 @@ impl AdapterConfig {
         let path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
-        if let Some(t) = &cfg.peft_type {
-            if t != "LORA" {
-                return Err(Error::format(&path, format!("peft_type is `{t}`; gristmill reads LoRA adapters (LORA)")));
-            }
+        if let Some(t) = &cfg.peft_type
+            && t != "LORA"
+        {
+            return Err(Error::format(&path, format!("peft_type is `{t}`; gristmill reads LoRA adapters (LORA)")));
         }
         if cfg.fan_in_fan_out {
             return Err(Error::format(

@@ -68,7 +68,7 @@ fn threads_for(work: usize) -> usize {
 
 /// y[:, j0..j1] = x · W[j0..j1]ᵀ written into `out` (M, j1 − j0), W rows given as `w_rows`.
 fn matmul_nt_block(x: &[f32], w_rows: &[f32], m: usize, k: usize, out: &mut [f32]) {
-    let nb = if k == 0 { out.len() / m.max(1) } else { w_rows.len() / k };
+    let nb = w_rows.len().checked_div(k).unwrap_or_else(|| out.len() / m.max(1));
     let mut j = 0;
     while j < nb {
         let j1 = (j + 1).min(nb - 1);

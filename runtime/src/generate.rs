@@ -78,12 +78,12 @@ impl Sampler {
         if p != 1.0 {
             let mut seen = vec![false; logits.len()];
             for &id in history {
-                if let Some(s) = seen.get_mut(id as usize) {
-                    if !*s {
-                        *s = true;
-                        let l = &mut logits[id as usize];
-                        *l = if *l < 0.0 { *l * p } else { *l / p };
-                    }
+                if let Some(s) = seen.get_mut(id as usize)
+                    && !*s
+                {
+                    *s = true;
+                    let l = &mut logits[id as usize];
+                    *l = if *l < 0.0 { *l * p } else { *l / p };
                 }
             }
         }

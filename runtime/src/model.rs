@@ -22,8 +22,8 @@ use std::path::Path;
 pub enum Weight {
     /// (N, K) f32.
     Dense(Vec<f32>),
-    /// (N, K) NF4.
-    Nf4(Nf4Tensor),
+    /// (N, K) NF4 (boxed: its double-quantization code book is 1 KiB inline).
+    Nf4(Box<Nf4Tensor>),
 }
 
 /// A LoRA adapter on a linear layer: y += scale · (x Aᵀ) Bᵀ.
@@ -169,7 +169,7 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Loads `dir` (config.json + safetensors) holding the linear weights as `base` says.
     pub fn load(dir: &Path, base: BasePrecision) -> Result<Self> {
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let cfg = ModelConfig::from_file(dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint(cfg, &ckpt, base)
     }
@@ -203,7 +203,7 @@ impl LlamaModel {
                     if t.shape.dims() != [n, k] {
                         return Err(Error::tensor(&name, format!("has shape {}, expected [{n}, {k}]", t.shape)));
                     }
-                    Weight::Nf4(t)
+                    Weight::Nf4(Box::new(t))
                 }
             };
             let bias = if has_bias { Some(vector(&format!("{prefix}.bias"), n)?) } else { None };

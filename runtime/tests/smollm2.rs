@@ -4,6 +4,8 @@
 //! git-ignored `.cache/` and sets `GRISTMILL_SMOLLM2_GGUF`. Without that variable these tests say
 //! so and pass without checking anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use gristmill::generate::{SamplingConfig, StopReason, generate};
 use gristmill::gguf::{ImportOptions, import_gguf};
 use gristmill::model::{BasePrecision, LlamaModel};
