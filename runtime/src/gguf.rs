@@ -2285,6 +2285,30 @@ mod tests {
     }
 
     #[test]
+    fn config_carries_rope_scaling_and_head_dim() {
+        let config = |b: &Builder| {
+            let f = open(b);
+            config_json(&f, &LlamaParams::from_gguf(&f)?, DType::BF16)
+        };
+        let (mut b, _, _) = tiny_llama();
+        b.str("llama.rope.scaling.type", "linear").f32("llama.rope.scaling.factor", 2.0);
+        b.u32("llama.attention.key_length", 16);
+        let c = config(&b).unwrap();
+        assert_eq!(c["rope_scaling"], json!({"rope_type": "linear", "factor": 2.0}));
+        assert_eq!(c["head_dim"], 16);
+        let (mut b, _, _) = tiny_llama();
+        b.str("llama.rope.scaling.type", "yarn").f32("llama.rope.scaling.factor", 4.0);
+        assert!(config(&b).unwrap_err().to_string().contains("`yarn`"));
+        let (mut b, _, _) = tiny_llama();
+        b.kvs.retain(|kv| kv.0 != "llama.rope.dimension_count");
+        b.u32("llama.rope.dimension_count", 8);
+        assert!(config(&b).unwrap_err().to_string().contains("partial RoPE"));
+        let (mut b, _, _) = tiny_llama();
+        b.kvs.retain(|kv| kv.0 != "llama.block_count");
+        assert!(config(&b).unwrap_err().to_string().contains("`llama.block_count` is missing"));
+    }
+
+    #[test]
     fn recovers_llama3_rope_scaling_from_rope_freqs() {
         // llama.cpp's divisors for Llama 3.1: factor 8, low 1, high 4, original context 8192.
         let (theta, hd, factor, lo, hi, l) = (500000f64, 128usize, 8f64, 1f64, 4f64, 8192f64);
