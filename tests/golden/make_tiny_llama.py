@@ -117,36 +117,31 @@ with torch.no_grad():
 save_file({"input_ids": ids.float().contiguous(), "logits": logits.contiguous()}, os.path.join(dst, "golden.safetensors"))
 
 # ---------------------------------------------------------------------------------------------
-# The same model as a bitsandbytes 4-bit checkpoint.
+# The same model as bitsandbytes 4-bit checkpoints: with the rest of the model in bf16 (what
+# published "bnb-4bit" models are), and in float32 throughout (quant state dtype float32), so
+# that the 4-bit path can be matched tightly, without bf16 activations in the way.
 qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                           bnb_4bit_compute_dtype=torch.float32)
-m4 = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, torch_dtype=torch.bfloat16,
-                                          attn_implementation="eager", device_map={"": 0})
-m4.eval()
-with torch.no_grad():
-    logits4 = m4(ids.cuda()).logits.float().cpu()
-src4 = os.path.join(tmp, "tiny_llama_bnb4")
-m4.save_pretrained(src4, safe_serialization=True)
-dst4 = os.path.join(OUT, "tiny_llama_bnb4")
-os.makedirs(dst4, exist_ok=True)
-for f in ["config.json", "model.safetensors"]:
-    shutil.copy(os.path.join(src4, f), dst4)
-save_file({"input_ids": ids.float().contiguous(), "logits": logits4.contiguous()}, os.path.join(dst4, "golden.safetensors"))
 
-# The same in float32 throughout (non-quantized parts f32, quant state dtype float32), so that the
-# 4-bit path can be matched tightly, without bf16 activations in the way.
-m4f = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, torch_dtype=torch.float32,
-                                           attn_implementation="eager", device_map={"": 0})
-m4f.eval()
-with torch.no_grad():
-    logits4f = m4f(ids.cuda()).logits.float().cpu()
-src4f = os.path.join(tmp, "tiny_llama_bnb4_f32")
-m4f.save_pretrained(src4f, safe_serialization=True)
-dst4f = os.path.join(OUT, "tiny_llama_bnb4_f32")
-os.makedirs(dst4f, exist_ok=True)
-for f in ["config.json", "model.safetensors"]:
-    shutil.copy(os.path.join(src4f, f), dst4f)
-save_file({"input_ids": ids.float().contiguous(), "logits": logits4f.contiguous()}, os.path.join(dst4f, "golden.safetensors"))
+
+def save_4bit(name, dtype):
+    m = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg, torch_dtype=dtype,
+                                             attn_implementation="eager", device_map={"": 0})
+    m.eval()
+    with torch.no_grad():
+        out = m(ids.cuda()).logits.float().cpu()
+    saved = os.path.join(tmp, name)
+    m.save_pretrained(saved, safe_serialization=True)
+    dst = os.path.join(OUT, name)
+    os.makedirs(dst, exist_ok=True)
+    for f in ["config.json", "model.safetensors"]:
+        shutil.copy(os.path.join(saved, f), dst)
+    save_file({"input_ids": ids.float().contiguous(), "logits": out.contiguous()}, os.path.join(dst, "golden.safetensors"))
+    return out, dst
+
+
+logits4, dst4 = save_4bit("tiny_llama_bnb4", torch.bfloat16)
+logits4f, _ = save_4bit("tiny_llama_bnb4_f32", torch.float32)
 
 print("versions: torch", torch.__version__, "transformers", transformers.__version__, "bitsandbytes", bnb.__version__)
 print("gpu:", torch.cuda.get_device_name(0))
