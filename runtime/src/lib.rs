@@ -13,6 +13,7 @@ pub use gristmill_core as core;
 
 pub mod adapter;
 pub mod config;
+pub mod data;
 pub mod cpu;
 pub mod error;
 pub mod generate;
@@ -22,6 +23,7 @@ pub mod model;
 pub mod safetensors;
 pub mod selfcheck;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 

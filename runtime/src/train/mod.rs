@@ -1,0 +1,9 @@
+//! QLoRA training: the trainable model, the loop, and what a run writes.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod plot;
+pub mod progress;
+pub mod schedule;
+pub mod tfevents;
