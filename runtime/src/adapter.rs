@@ -6,7 +6,8 @@
 
 use crate::error::{Error, Result};
 use crate::model::{LlamaModel, LoraAdapter};
-use crate::safetensors::Checkpoint;
+use crate::safetensors::{Checkpoint, write_safetensors};
+use gristmill_core::bnb::RawTensor;
 use gristmill_core::ops::lora::lora_scale;
 use serde::Deserialize;
 use std::path::Path;
@@ -62,6 +63,12 @@ impl AdapterConfig {
     }
 }
 
+/// PEFT's name prefix of module `module` of layer `i` (e.g. `…layers.3.mlp.up_proj`).
+pub fn peft_module_path(i: usize, module: &str) -> String {
+    let block = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+    format!("base_model.model.model.layers.{i}.{block}.{module}")
+}
+
 /// Loads the PEFT adapter in `dir` onto `model`'s linear layers. Returns how many modules got one.
 pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<usize> {
     let cfg = AdapterConfig::from_dir(dir)?;
@@ -70,14 +77,26 @@ pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<usize> {
         return Err(Error::format(dir, "no adapter_model.safetensors (adapter_model.bin is not read: it is a pickle)"));
     }
     let ck = Checkpoint::open(&weights)?;
+    attach_lora_tensors(model, &cfg, &ck, "", &weights)
+}
+
+/// Puts LoRA factors named as PEFT names them, behind `prefix`, from `ck` onto `model`. Every
+/// LoRA tensor of `ck` under `prefix` must find its module, and every pair must have the shapes
+/// the model and `cfg.r` imply. `origin` names the source in errors.
+pub fn attach_lora_tensors(
+    model: &mut LlamaModel,
+    cfg: &AdapterConfig,
+    ck: &Checkpoint,
+    prefix: &str,
+    origin: &Path,
+) -> Result<usize> {
     let scale = lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora)?;
     let r = cfg.r;
     let mut loaded = 0;
     let mut used = std::collections::BTreeSet::new();
     for (i, layer) in model.layers.iter_mut().enumerate() {
         for (module, lin) in layer.linears_mut() {
-            let block = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
-            let path = format!("base_model.model.model.layers.{i}.{block}.{module}");
+            let path = format!("{prefix}{}", peft_module_path(i, module));
             let find = |which: &str| {
                 [format!("{path}.{which}.weight"), format!("{path}.{which}.default.weight")]
                     .into_iter()
@@ -107,11 +126,11 @@ pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<usize> {
     let unused: Vec<&str> = ck
         .names()
         .into_iter()
-        .filter(|n| (n.contains("lora_A") || n.contains("lora_B")) && !used.contains(*n))
+        .filter(|n| n.starts_with(prefix) && (n.contains("lora_A") || n.contains("lora_B")) && !used.contains(*n))
         .collect();
     if !unused.is_empty() {
         return Err(Error::format(
-            &weights,
+            origin,
             format!(
                 "{} LoRA tensors match no module of this model (first: `{}`): the adapter was trained for another architecture or layer count",
                 unused.len(),
@@ -120,9 +139,128 @@ pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<usize> {
         ));
     }
     if loaded == 0 {
-        return Err(Error::format(&weights, "no LoRA tensors found"));
+        return Err(Error::format(origin, "no LoRA tensors found"));
     }
     Ok(loaded)
+}
+
+/// What a fresh adapter looks like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub rslora: bool,
+    /// Module names (q_proj, …, down_proj) that get an adapter.
+    pub target_modules: Vec<String>,
+}
+
+/// The seven projections of a Llama layer, by PEFT's names.
+pub const ALL_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Gives every targeted linear layer a fresh adapter with PEFT's initialisation: A uniform in
+/// ±1/√d_in (kaiming_uniform with a = √5), B zero, so the model starts out unchanged. Layers
+/// are visited in a fixed order, so the same seed gives the same adapter.
+pub fn init_lora(model: &mut LlamaModel, spec: &LoraSpec, seed: u64) -> Result<usize> {
+    for t in &spec.target_modules {
+        if !ALL_MODULES.contains(&t.as_str()) {
+            return Err(Error::Invalid(format!(
+                "unknown target module `{t}` (Llama-family modules: {})",
+                ALL_MODULES.join(", ")
+            )));
+        }
+    }
+    let scale = lora_scale(spec.alpha, spec.r, spec.rslora)?;
+    let mut rng = gristmill_core::rng::Rng::new(seed);
+    let mut n = 0;
+    for layer in &mut model.layers {
+        for (module, lin) in layer.linears_mut() {
+            if !spec.target_modules.iter().any(|t| t == module) {
+                continue;
+            }
+            let a = gristmill_core::ops::lora::lora_init_a(&mut rng, spec.r, lin.k);
+            let b = gristmill_core::ops::lora::lora_init_b(lin.n, spec.r);
+            lin.lora = Some(LoraAdapter { a, b, r: spec.r, scale });
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(Error::Invalid("no module received an adapter: check the target modules".into()));
+    }
+    Ok(n)
+}
+
+/// Writes the model's adapters as a PEFT adapter directory: `adapter_config.json` and
+/// `adapter_model.safetensors` (f32 factors under PEFT's names), each written atomically.
+pub fn save_peft_adapter(model: &LlamaModel, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tensors = Vec::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (module, lin) in [
+            ("q_proj", &layer.q),
+            ("k_proj", &layer.k),
+            ("v_proj", &layer.v),
+            ("o_proj", &layer.o),
+            ("gate_proj", &layer.gate),
+            ("up_proj", &layer.up),
+            ("down_proj", &layer.down),
+        ] {
+            let Some(l) = &lin.lora else { continue };
+            modules.insert(module);
+            let path = peft_module_path(i, module);
+            let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+            tensors.push(RawTensor {
+                name: format!("{path}.lora_A.weight"),
+                dtype: gristmill_core::DType::F32,
+                shape: vec![l.r, lin.k],
+                data: std::borrow::Cow::Owned(bytes(&l.a)),
+            });
+            tensors.push(RawTensor {
+                name: format!("{path}.lora_B.weight"),
+                dtype: gristmill_core::DType::F32,
+                shape: vec![lin.n, l.r],
+                data: std::borrow::Cow::Owned(bytes(&l.b)),
+            });
+        }
+    }
+    if tensors.is_empty() {
+        return Err(Error::Invalid("the model has no LoRA adapter to save".into()));
+    }
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": modules.into_iter().collect::<Vec<_>>(),
+        "use_rslora": spec.rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": false,
+        "revision": null,
+    });
+    let path = dir.join("adapter_config.json");
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::format(&path, e.to_string()))?;
+    write_atomic(&path, text.as_bytes())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = crate::safetensors::tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod optim;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
