@@ -1,2 +1,35 @@
-//! Training data: formats, prompt templates, tokenization with loss masks, splits, batching.
-//! (being written)
+//! Training data: formats, prompt templates, tokenization with loss masks, splits, batching, and
+//! a synthetic arithmetic task for demos.
+//!
+//! The pipeline, in the order a trainer runs it:
+//!
+//! 1. [`load_examples`] reads JSON (an array) or JSON Lines in one of the [`Format`]s into
+//!    [`Example`]s, skipping bad records and counting them by reason in a [`LoadReport`];
+//! 2. [`split`] shuffles by seed and cuts train/validation/test (80/10/10 by default,
+//!    [`DEFAULT_SPLIT`]);
+//! 3. a [`Template`] (chosen by name, or by [`Template::auto`]) renders each example to text and
+//!    [`tokenize`] turns it into ids with a loss mask ([`Tokenized`]);
+//! 4. a [`Batcher`] cuts the tokenized examples into [`Batch`]es, padded by length group or packed,
+//!    with shifted targets, and can be checkpointed and resumed ([`BatcherState`]).
+//!
+//! [`synth`] makes GSM8K-style arithmetic word problems and scores answers (`#### N`).
+
+mod batch;
+mod format;
+mod split;
+mod template;
+mod tokenize;
+
+pub mod synth;
+
+#[cfg(test)]
+mod testutil;
+
+pub use batch::{Batch, BatchOptions, Batcher, BatcherState};
+pub use format::{
+    Example, ExampleKind, Format, LoadOptions, LoadReport, SkipCount, load_examples, load_examples_with,
+    parse_buckets,
+};
+pub use split::{DEFAULT_SPLIT, split};
+pub use template::Template;
+pub use tokenize::{LossOn, TokenizeOptions, TokenizeReport, Tokenized, tokenize, tokenize_all};
