@@ -229,52 +229,71 @@ fn zeros(op: &str, m: usize, n: usize) -> Result<Vec<f32>> {
     Ok(v)
 }
 
-fn nt_into(op: &str, a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], acc: bool) -> Result<()> {
-    check(op, "a", a.len(), m, k)?;
-    check(op, "b", b.len(), n, k)?;
+/// How A and B are stored, named as in the public functions.
+#[derive(Clone, Copy)]
+enum Form {
+    /// A (M, K), B stored (N, K).
+    Nt,
+    /// A (M, K), B (K, N).
+    Nn,
+    /// A stored (K, M), B (K, N).
+    Tn,
+}
+
+/// Checks A's and B's lengths for `form`.
+fn check_ab(op: &str, form: Form, a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Result<()> {
+    let (a_dims, b_dims) = match form {
+        Form::Nt => ((m, k), (n, k)),
+        Form::Nn => ((m, k), (k, n)),
+        Form::Tn => ((k, m), (k, n)),
+    };
+    check(op, "a", a.len(), a_dims.0, a_dims.1)?;
+    check(op, "b", b.len(), b_dims.0, b_dims.1)
+}
+
+/// out (M, N) {=, +=} op(A) · op(B).
+fn dense_into(
+    op: &str,
+    form: Form,
+    a: &[f32],
+    b: &[f32],
+    mkn: (usize, usize, usize),
+    out: &mut [f32],
+    acc: bool,
+) -> Result<()> {
+    let (m, k, n) = mkn;
+    check_ab(op, form, a, b, mkn)?;
     check(op, "out", out.len(), m, n)?;
-    // A (M, K) row-major; B stored (N, K), so logical element (p, j) of Bᵀ is b[j·K + p].
-    let lhs = MatRef { data: a, rs: k, cs: 1 };
-    let rhs = MatRef { data: b, rs: 1, cs: k };
+    let (lhs, rhs) = match form {
+        // B stored (N, K): logical element (p, j) of Bᵀ is b[j·K + p].
+        Form::Nt => (MatRef { data: a, rs: k, cs: 1 }, MatRef { data: b, rs: 1, cs: k }),
+        Form::Nn => (MatRef { data: a, rs: k, cs: 1 }, MatRef { data: b, rs: n, cs: 1 }),
+        // A stored (K, M): logical element (i, p) of Aᵀ is a[p·M + i].
+        Form::Tn => (MatRef { data: a, rs: 1, cs: m }, MatRef { data: b, rs: n, cs: 1 }),
+    };
     gemm_checked(op, out, n, lhs, rhs, m, k, n, acc, parallelism(work(m, k, n)))
 }
 
-fn nn_into(op: &str, a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], acc: bool) -> Result<()> {
-    check(op, "a", a.len(), m, k)?;
-    check(op, "b", b.len(), k, n)?;
-    check(op, "out", out.len(), m, n)?;
-    let lhs = MatRef { data: a, rs: k, cs: 1 };
-    let rhs = MatRef { data: b, rs: n, cs: 1 };
-    gemm_checked(op, out, n, lhs, rhs, m, k, n, acc, parallelism(work(m, k, n)))
-}
-
-fn tn_into(op: &str, a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32], acc: bool) -> Result<()> {
-    check(op, "a", a.len(), k, m)?;
-    check(op, "b", b.len(), k, n)?;
-    check(op, "out", out.len(), m, n)?;
-    // A stored (K, M): logical element (i, p) of Aᵀ is a[p·M + i].
-    let lhs = MatRef { data: a, rs: 1, cs: m };
-    let rhs = MatRef { data: b, rs: n, cs: 1 };
-    gemm_checked(op, out, n, lhs, rhs, m, k, n, acc, parallelism(work(m, k, n)))
+/// A new (M, N) = op(A) · op(B); the operands are checked before the output is allocated.
+fn dense(op: &str, form: Form, a: &[f32], b: &[f32], mkn: (usize, usize, usize)) -> Result<Vec<f32>> {
+    check_ab(op, form, a, b, mkn)?;
+    let mut out = zeros(op, mkn.0, mkn.2)?;
+    dense_into(op, form, a, b, mkn, &mut out, false)?;
+    Ok(out)
 }
 
 /// y = x · Wᵀ: the forward of a linear layer.
 ///
 /// x: (M, K); w: (N, K), the `nn.Linear` layout (out, in); returns y: (M, N).
 pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
-    const OP: &str = "matmul_nt";
-    check(OP, "a", x.len(), m, k)?;
-    check(OP, "b", w.len(), n, k)?;
-    let mut out = zeros(OP, m, n)?;
-    nt_into(OP, x, w, m, k, n, &mut out, false)?;
-    Ok(out)
+    dense("matmul_nt", Form::Nt, x, w, (m, k, n))
 }
 
 /// out += x · Wᵀ.
 ///
 /// x: (M, K); w: (N, K); out: (M, N), added to.
 pub fn matmul_nt_acc(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> Result<()> {
-    nt_into("matmul_nt_acc", x, w, m, k, n, out, true)
+    dense_into("matmul_nt_acc", Form::Nt, x, w, (m, k, n), out, true)
 }
 
 /// C = A · B, both stored as the logical operands.
@@ -284,19 +303,14 @@ pub fn matmul_nt_acc(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, out: &m
 /// For the input gradient of a linear layer y = x Wᵀ with W (N_out, K_in): dx = dy · W is
 /// `matmul_nn(dy, w, m, n_out, k_in)`: the product's K is the layer's N_out and its N is K_in.
 pub fn matmul_nn(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
-    const OP: &str = "matmul_nn";
-    check(OP, "a", a.len(), m, k)?;
-    check(OP, "b", b.len(), k, n)?;
-    let mut out = zeros(OP, m, n)?;
-    nn_into(OP, a, b, m, k, n, &mut out, false)?;
-    Ok(out)
+    dense("matmul_nn", Form::Nn, a, b, (m, k, n))
 }
 
 /// c += A · B.
 ///
 /// a: (M, K); b: (K, N); out: (M, N), added to.
 pub fn matmul_nn_acc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> Result<()> {
-    nn_into("matmul_nn_acc", a, b, m, k, n, out, true)
+    dense_into("matmul_nn_acc", Form::Nn, a, b, (m, k, n), out, true)
 }
 
 /// C = Aᵀ · B with A stored transposed: the sum over K (tokens, for a weight gradient) runs down
@@ -308,19 +322,14 @@ pub fn matmul_nn_acc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &m
 /// `matmul_tn(dy, x, n_out, t, k_in)`. For LoRA (u = x Aᵀ, du = dy B: (T, r)):
 /// dA (r, K_in) = duᵀ · x is `matmul_tn(du, x, r, t, k_in)`.
 pub fn matmul_tn(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
-    const OP: &str = "matmul_tn";
-    check(OP, "a", a.len(), k, m)?;
-    check(OP, "b", b.len(), k, n)?;
-    let mut out = zeros(OP, m, n)?;
-    tn_into(OP, a, b, m, k, n, &mut out, false)?;
-    Ok(out)
+    dense("matmul_tn", Form::Tn, a, b, (m, k, n))
 }
 
 /// c += Aᵀ · B.
 ///
 /// a: stored (K, M); b: (K, N); out: (M, N), added to.
 pub fn matmul_tn_acc(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> Result<()> {
-    tn_into("matmul_tn_acc", a, b, m, k, n, out, true)
+    dense_into("matmul_tn_acc", Form::Tn, a, b, (m, k, n), out, true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -409,19 +418,15 @@ fn dequant_block(
     }
 }
 
+/// `f(c0, c1, dst, dst_rs)` of [`split_columns`].
+type ColumnsFn<'a> = dyn Fn(usize, usize, &mut [f32], usize) -> Result<()> + Sync + 'a;
+
 /// Splits the `cols` output columns of an (M, cols) product over `t` threads and runs
 /// `f(c0, c1, dst, dst_rs)` on each range, where dst holds columns c0..c1 of every row at row
 /// stride dst_rs and must be *added to*. One thread writes straight into `out`; several each fill a
 /// zeroed part of their own, added into `out` afterwards (an (M, N) row-major output cannot be
 /// split into column ranges as slices).
-fn split_columns(
-    op: &str,
-    m: usize,
-    cols: usize,
-    t: usize,
-    out: &mut [f32],
-    f: &(dyn Fn(usize, usize, &mut [f32], usize) -> Result<()> + Sync),
-) -> Result<()> {
+fn split_columns(op: &str, m: usize, cols: usize, t: usize, out: &mut [f32], f: &ColumnsFn<'_>) -> Result<()> {
     let per = cols.div_ceil(t.max(1)).max(1);
     let ranges: Vec<(usize, usize)> =
         (0..t).map(|i| (i * per, ((i + 1) * per).min(cols))).filter(|(a, b)| a < b).collect();
