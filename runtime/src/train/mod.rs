@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod plot;
 pub mod progress;
 pub mod schedule;
+pub mod step;
 pub mod tfevents;

@@ -21,7 +21,12 @@ impl AdamW {
     pub fn new(cfg: AdamWConfig, model: &LlamaModel) -> Result<Self> {
         cfg.validate()?;
         let sizes: Vec<usize> = lora_params(model).iter().map(|p| p.len()).collect();
-        Ok(Self { cfg, step: 0, m: sizes.iter().map(|&n| vec![0.0; n]).collect(), v: sizes.iter().map(|&n| vec![0.0; n]).collect() })
+        Ok(Self {
+            cfg,
+            step: 0,
+            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+        })
     }
 
     /// One update of every factor with learning rate `lr`.
