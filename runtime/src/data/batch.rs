@@ -129,7 +129,8 @@ impl Batcher {
         Ok(b)
     }
 
-    /// The next batch, moving to the next epoch (with a new shuffle) when this one is done.
+    /// The next batch. After an epoch's last batch the batcher moves on to the next epoch (with a
+    /// new shuffle) at once: [`Batcher::epoch`] then already reads the next one.
     pub fn next_batch(&mut self) -> Batch {
         if self.cursor >= self.plan.len() {
             self.epoch += 1;
@@ -138,6 +139,13 @@ impl Batcher {
         }
         let batch = self.build(self.cursor);
         self.cursor += 1;
+        // Roll over now rather than on the next call, so that the state after an epoch's last
+        // batch already reads "next epoch, batch 0".
+        if self.cursor == self.plan.len() {
+            self.epoch += 1;
+            self.cursor = 0;
+            self.plan = self.plan_epoch(self.opts.seed, self.epoch);
+        }
         batch
     }
 

@@ -132,7 +132,10 @@ impl Example {
     /// A prompt/response example from `(name, value)` fields, with no metadata.
     pub fn prompt_response<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>, response: &str) -> Self {
         let prompt_fields = fields.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Example { kind: ExampleKind::PromptResponse { prompt_fields, response: response.to_string() }, meta: BTreeMap::new() }
+        Example {
+            kind: ExampleKind::PromptResponse { prompt_fields, response: response.to_string() },
+            meta: BTreeMap::new(),
+        }
     }
 
     /// A prompt field by name (`None` for chat examples).
@@ -353,7 +356,9 @@ fn parse_array(path: &Path, text: &str, mut pos: usize) -> Result<Vec<(usize, Va
                     let line = line_of(pos) + e.line().saturating_sub(1);
                     return Err(Error::format(path, format!("line {line}: not valid JSON: {}", json_msg(&e))));
                 }
-                None => return Err(Error::format(path, format!("line {}: the JSON array is not closed", line_of(pos)))),
+                None => {
+                    return Err(Error::format(path, format!("line {}: the JSON array is not closed", line_of(pos))));
+                }
             }
             pos = skip_ws(pos);
             match text.as_bytes().get(pos) {
@@ -368,7 +373,9 @@ fn parse_array(path: &Path, text: &str, mut pos: usize) -> Result<Vec<(usize, Va
                         format!("line {}: not valid JSON: expected `,` or `]` after an array element", line_of(pos)),
                     ));
                 }
-                None => return Err(Error::format(path, format!("line {}: the JSON array is not closed", line_of(pos)))),
+                None => {
+                    return Err(Error::format(path, format!("line {}: the JSON array is not closed", line_of(pos))));
+                }
             }
         }
     }

@@ -23,13 +23,14 @@ mod tokenize;
 pub mod synth;
 
 #[cfg(test)]
+mod tests;
+#[cfg(test)]
 mod testutil;
 
 pub use batch::{Batch, BatchOptions, Batcher, BatcherState};
 pub use format::{
-    Example, ExampleKind, Format, LoadOptions, LoadReport, SkipCount, load_examples, load_examples_with,
-    parse_buckets,
+    Example, ExampleKind, Format, LoadOptions, LoadReport, SkipCount, load_examples, load_examples_with, parse_buckets,
 };
 pub use split::{DEFAULT_SPLIT, split};
-pub use template::Template;
+pub use template::{Rendered, Template};
 pub use tokenize::{LossOn, TokenizeOptions, TokenizeReport, Tokenized, tokenize, tokenize_all};

@@ -22,9 +22,8 @@ pub fn split<T>(items: Vec<T>, ratios: [f64; 3], seed: u64) -> (Vec<T>, Vec<T>, 
 
     let mut items: Vec<Option<T>> = items.into_iter().map(Some).collect();
     let order = permutation(n, &mut Rng::new(seed));
-    let mut take = |range: std::ops::Range<usize>| -> Vec<T> {
-        order[range].iter().filter_map(|&i| items[i].take()).collect()
-    };
+    let mut take =
+        |range: std::ops::Range<usize>| -> Vec<T> { order[range].iter().filter_map(|&i| items[i].take()).collect() };
     let train = take(0..n_train);
     let val = take(n_train..n_train + n_val);
     let test = take(n_train + n_val..n);

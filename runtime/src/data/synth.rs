@@ -71,7 +71,9 @@ fn problem(template: &str, rng: &mut Rng) -> (String, String, u64) {
             let c = a + b;
             (
                 format!("{name} has {a} {item}. {pc} buys {b} more {item}. How many {item} does {name} have now?"),
-                format!("{name} starts with {a} {item} and buys {b} more, so {pron} has {a} + {b} = {c} {item}.\n#### {c}"),
+                format!(
+                    "{name} starts with {a} {item} and buys {b} more, so {pron} has {a} + {b} = {c} {item}.\n#### {c}"
+                ),
                 c,
             )
         }
@@ -80,8 +82,12 @@ fn problem(template: &str, rng: &mut Rng) -> (String, String, u64) {
             let b = range(rng, 1, a - 1);
             let c = a - b;
             (
-                format!("{name} has {a} {item} and gives {b} of them to {friend}. How many {item} does {name} have left?"),
-                format!("{name} gives away {b} of {poss} {a} {item}, so {pron} has {a} - {b} = {c} {item} left.\n#### {c}"),
+                format!(
+                    "{name} has {a} {item} and gives {b} of them to {friend}. How many {item} does {name} have left?"
+                ),
+                format!(
+                    "{name} gives away {b} of {poss} {a} {item}, so {pron} has {a} - {b} = {c} {item} left.\n#### {c}"
+                ),
                 c,
             )
         }
@@ -133,7 +139,9 @@ fn problem(template: &str, rng: &mut Rng) -> (String, String, u64) {
                     "{name} has {a} {item} and buys {b} more. {pc} then shares all of them equally among {k} friends. \
                      How many {item} does each friend get?"
                 ),
-                format!("{name} has {a} + {b} = {total} {item}.\nEach friend gets {total} / {k} = {each} {item}.\n#### {each}"),
+                format!(
+                    "{name} has {a} + {b} = {total} {item}.\nEach friend gets {total} / {k} = {each} {item}.\n#### {each}"
+                ),
                 each,
             )
         }

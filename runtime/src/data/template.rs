@@ -102,7 +102,10 @@ impl Template {
             if let Piece::Field(name, _) = piece
                 && is_response_name(name)
             {
-                return Ok(Template::Custom { prompt: text[..offset].to_string(), response: text[offset..].to_string() });
+                return Ok(Template::Custom {
+                    prompt: text[..offset].to_string(),
+                    response: text[offset..].to_string(),
+                });
             }
             offset += piece.len();
         }

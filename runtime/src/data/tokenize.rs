@@ -237,7 +237,10 @@ fn chat_segments(tok: &Tokenizer, msgs: &[crate::tokenizer::ChatMessage]) -> Res
         // The text the model is given before this turn, and the text through the turn.
         let before = tok.apply_chat_template(&msgs[..i], true)?;
         let through = tok.apply_chat_template(&msgs[..=i], false)?;
-        if !full.starts_with(&before) || !full.starts_with(&through) || before.len() < done || through.len() < before.len()
+        if !full.starts_with(&before)
+            || !full.starts_with(&through)
+            || before.len() < done
+            || through.len() < before.len()
         {
             return Err(Error::Tokenizer(format!(
                 "the chat template does not render the conversation prefix by prefix (at message {i}): cannot tell \
