@@ -23,10 +23,13 @@
 //! A `[grit]` table is reserved for the GRIT optimizer's fields (docs/grit.md §7) and refused until
 //! GRIT exists.
 
+use crate::data::{Format, Template, parse_buckets};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
+
+pub use crate::data::LossOn;
 
 /// Storage of the frozen base weights during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,16 +41,6 @@ pub enum BasePrecision {
     Bf16,
     /// f32 weights (the reference).
     F32,
-}
-
-/// Which tokens the loss is computed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LossOn {
-    /// Only the assistant's answer (the prompt is masked out).
-    Response,
-    /// Every token of the example.
-    All,
 }
 
 /// The optimizer.
@@ -90,10 +83,12 @@ pub struct ModelSection {
 pub struct DataSection {
     /// Data files (JSON, JSONL); all are concatenated.
     pub paths: Vec<PathBuf>,
-    /// Record format of the files; `auto` detects it from the first records.
+    /// Record format of the files (`alpaca`, `dolly`, `gsm8k`, `chat`, `paraphrase`); `auto` detects
+    /// it from the first record.
     #[serde(default = "default_auto")]
     pub format: String,
-    /// Prompt template; `auto` takes the tokenizer's chat template.
+    /// Prompt template (`alpaca`, `dolly`, `chat`, `plain`, or a custom string with `{field}`
+    /// placeholders); `auto` takes the tokenizer's chat template when it has one.
     #[serde(default = "default_auto")]
     pub template: String,
     /// A separate evaluation file; when set, the eval share of `split` is not taken from `paths`.
@@ -111,7 +106,8 @@ pub struct DataSection {
     /// Which tokens the loss is computed on.
     #[serde(default = "default_loss_on")]
     pub loss_on: LossOn,
-    /// For paraphrase-bucket data: the buckets to train on, `N` or `N-M` (inclusive).
+    /// For paraphrase-bucket data: the buckets to train on, as numbers and inclusive ranges
+    /// (`"1-3"`, `"1,3,5"`); all when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buckets: Option<String>,
     /// For paraphrase-bucket data: train on each paraphrase's own answer instead of the original.
@@ -234,7 +230,7 @@ fn default_auto() -> String {
     "auto".to_string()
 }
 fn default_split() -> Vec<f64> {
-    vec![0.8, 0.1, 0.1]
+    crate::data::DEFAULT_SPLIT.to_vec()
 }
 fn default_max_seq_len() -> usize {
     512
@@ -340,7 +336,7 @@ const KEYS: &[KeySpec] = &[
     key("data.max_seq_len", Kind::Int, "longest sequence in tokens (512)"),
     key("data.packing", Kind::Bool, "pack short examples into one sequence (false)"),
     key("data.loss_on", Kind::Choice(&["response", "all"]), "tokens the loss is computed on (response)"),
-    key("data.buckets", Kind::Str, "paraphrase buckets to train on: N or N-M"),
+    key("data.buckets", Kind::Str, "paraphrase buckets to train on: 1-3, 1,3,5 (all)"),
     key("data.use_paraphrase_answers", Kind::Bool, "train on each paraphrase's own answer (false)"),
     key("data.eval_max_examples", Kind::Int, "evaluate on at most this many examples"),
     key("lora.r", Kind::Int, "adapter rank (16)"),
@@ -736,12 +732,18 @@ impl TrainConfig {
             check((sum - 1.0).abs() <= 1e-6, format!("`data.split` must sum to 1, found {:?} (sum {sum})", d.split));
         }
         check(d.max_seq_len >= 2, format!("`data.max_seq_len` must be ≥ 2, found {}", d.max_seq_len));
-        if let Err(err) = d.bucket_range() {
-            check(false, err.to_string());
+        if let Err(err) = d.buckets() {
+            check(false, format!("`data.buckets`: {err}"));
+        }
+        if let Err(err) = d.format() {
+            check(false, format!("`data.format`: {err}"));
+        }
+        if !d.template.trim().eq_ignore_ascii_case("auto")
+            && let Err(err) = Template::parse(&d.template)
+        {
+            check(false, format!("`data.template`: {err}"));
         }
         check(d.eval_max_examples != Some(0), "`data.eval_max_examples` must be ≥ 1 (leave it unset for all)".into());
-        check(!d.format.is_empty(), "`data.format` is empty (use `auto`)".into());
-        check(!d.template.is_empty(), "`data.template` is empty (use `auto`)".into());
 
         check(l.r >= 1, format!("`lora.r` must be ≥ 1, found {}", l.r));
         check(l.alpha.is_finite() && l.alpha > 0.0, format!("`lora.alpha` must be > 0, found {}", l.alpha));
@@ -829,22 +831,14 @@ impl LoraSection {
 }
 
 impl DataSection {
-    /// `buckets` as an inclusive range: `"2"` is (2, 2), `"1-3"` is (1, 3); `None` when unset.
-    pub fn bucket_range(&self) -> Result<Option<(u32, u32)>> {
-        let Some(b) = self.buckets.as_deref() else { return Ok(None) };
-        let bad = || Error::config(format!("`data.buckets` must be `N` or `N-M` with N ≤ M, found `{b}`"));
-        let parse = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
-        let (lo, hi) = match b.split_once('-') {
-            Some((lo, hi)) => (parse(lo)?, parse(hi)?),
-            None => {
-                let n = parse(b)?;
-                (n, n)
-            }
-        };
-        if lo > hi {
-            return Err(bad());
-        }
-        Ok(Some((lo, hi)))
+    /// The selected paraphrase buckets (`"1-3"`, `"1,3,5"`, `"1-2,5"`), sorted; `None` when unset (all).
+    pub fn buckets(&self) -> Result<Option<Vec<u32>>> {
+        self.buckets.as_deref().map(parse_buckets).transpose()
+    }
+
+    /// The record format named by `format` (`auto` included).
+    pub fn format(&self) -> Result<Format> {
+        self.format.parse()
     }
 }
 
@@ -982,7 +976,7 @@ mod tests {
             "optim.lr=3e-5",
             "train.epochs=2",
             "data.packing=true",
-            "data.template=chatml",
+            "data.template=chat",
             "data.format=\"alpaca\"",
             "data.buckets=1-3",
             "lora.target_modules=[q_proj, v_proj]",
@@ -997,9 +991,9 @@ mod tests {
         assert_eq!(c.optim.lr, 3e-5);
         assert_eq!(c.train.epochs, 2.0);
         assert!(c.data.packing);
-        assert_eq!(c.data.template, "chatml");
+        assert_eq!(c.data.template, "chat");
         assert_eq!(c.data.format, "alpaca");
-        assert_eq!(c.data.bucket_range().unwrap(), Some((1, 3)));
+        assert_eq!(c.data.buckets().unwrap(), Some(vec![1, 2, 3]));
         assert_eq!(c.lora.target_modules, vec!["q_proj", "v_proj"]);
         assert_eq!(c.data.split, vec![0.9, 0.1, 0.0]);
         assert_eq!(c.optim.scheduler, SchedulerKind::Cosine);
@@ -1011,8 +1005,9 @@ mod tests {
         assert_eq!(c.data.split, vec![0.7, 0.2, 0.1]);
         assert_eq!(c.optim.optimizer, OptimizerKind::Grit, "grit parses; the trainer refuses it");
         // An empty value unsets an optional key.
-        let c = with(&["train.max_steps=100", "train.max_steps="]).unwrap();
+        let c = with(&["train.max_steps=100", "train.max_steps=", "data.format=chat", "data.format="]).unwrap();
         assert_eq!(c.train.max_steps, None);
+        assert_eq!(c.data.format, "auto");
     }
 
     #[test]
@@ -1110,11 +1105,11 @@ mod tests {
             (&["data.split=[1.2, -0.1, -0.1]"], "must be in [0, 1]"),
             (&["data.split=[0, 0.5, 0.5]"], "leaves no training data"),
             (&["data.max_seq_len=1"], "`data.max_seq_len` must be ≥ 2"),
-            (&["data.buckets=3-1"], "`data.buckets` must be"),
-            (&["data.buckets=a"], "`data.buckets` must be"),
+            (&["data.buckets=a"], "`data.buckets`: bucket selection `a`"),
+            (&["data.format=alpacca"], "`data.format`: unknown data format `alpacca`"),
+            (&["data.template=nonsense"], "`data.template`: unknown prompt template `nonsense`"),
             (&["data.eval_max_examples=0"], "`data.eval_max_examples` must be ≥ 1"),
             (&["data.paths=[]"], "`data.paths` is empty"),
-            (&["data.format=\"\""], "`data.format` is empty"),
             (&["train.epochs=0"], "`train.epochs` must be > 0"),
             (&["train.max_steps=0"], "`train.max_steps` must be ≥ 1"),
             (&["train.batch_size=0"], "`train.batch_size` must be ≥ 1"),
@@ -1130,7 +1125,15 @@ mod tests {
         }
         // Boundary values that are fine.
         with(&["lora.dropout=0", "optim.max_grad_norm=0", "train.epochs=0", "train.max_steps=5"]).unwrap();
-        with(&["data.split=[1, 0, 0]", "data.buckets=2", "optim.warmup_ratio=0.1", "train.keep_last=0"]).unwrap();
+        with(&[
+            "data.split=[1, 0, 0]",
+            "data.buckets=1,3-4",
+            "data.format=Dolly",
+            "data.template=### Q: {question}\\n",
+            "optim.warmup_ratio=0.1",
+            "train.keep_last=0",
+        ])
+        .unwrap();
         // All problems at once.
         let e = err(with(&["lora.r=0", "optim.lr=0"]));
         assert!(e.contains("`lora.r`") && e.contains("`optim.lr`"), "{e}");
