@@ -22,6 +22,20 @@ struct Cli {
 enum Command {
     /// Generate text with a model directory (config.json, safetensors, tokenizer.json).
     Generate(GenerateArgs),
+    /// Fine-tune a LoRA adapter (QLoRA: NF4 base by default) on a dataset.
+    Train(Box<TrainArgs>),
+    /// Write a synthetic dataset (GSM8K-style JSON Lines: question, worked answer ending in
+    /// "#### N"): templated arithmetic word problems with exact answers.
+    Synth {
+        /// Number of problems.
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output file (.jsonl).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Import a GGUF model (llama architecture; F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors) as an HF-layout
     /// directory: model.safetensors, config.json, tokenizer.json, tokenizer_config.json.
     ImportGguf {
@@ -49,6 +63,72 @@ enum Command {
         #[arg(long, default_value_t = 3407)]
         seed: u64,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A TOML configuration file (every option; flags and --set override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any configuration key: --set lora.r=8 --set optim.lr=1e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Base model directory (HF layout).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data: JSON or JSON Lines in Alpaca, Dolly, GSM8K, chat or paraphrase format (repeatable).
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// Validation data (otherwise the data is split 80/10/10).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Prompt template: auto, alpaca, dolly, chat, plain, or a custom "{field}" template.
+    #[arg(long)]
+    template: Option<String>,
+    /// Run directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Pack several examples into each sequence (attention stays within each example).
+    #[arg(long)]
+    packing: bool,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Vec<String>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// linear, cosine or constant.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Warmup: a number of steps (10) or a ratio of the run (0.05).
+    #[arg(long)]
+    warmup: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// adamw (grit comes with its issue).
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// nf4 (QLoRA), bf16 or f32.
+    #[arg(long)]
+    base_precision: Option<String>,
+    /// Continue from a checkpoint directory, or "latest" in the run directory.
+    #[arg(long)]
+    resume: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -119,6 +199,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate_cmd(args),
+        Command::Train(args) => train_cmd(*args),
+        Command::Synth { n, seed, out } => synth_cmd(n, seed, &out),
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
         Command::Inspect { path, tensors } => {
             let report = gristmill::inspect::inspect(&path)?;
@@ -252,6 +334,114 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             g.tokens_per_s()
         );
     }
+    Ok(())
+}
+
+fn synth_cmd(n: usize, seed: u64, out: &Path) -> Result<()> {
+    let mut text = String::new();
+    for ex in gristmill::data::synth::generate(n, seed) {
+        let q = ex.field("question").unwrap_or_default();
+        let a = ex.response().unwrap_or_default();
+        text.push_str(&serde_json::json!({"question": q, "answer": a}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {n} problems to {}", out.display());
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    use gristmill::train::config::{TrainConfig, set_key};
+    use toml::Value;
+    let mut flags = toml::Table::new();
+    let mut set = |k: &str, v: Value| set_key(&mut flags, k, v);
+    let path = |p: &Path| Value::String(p.display().to_string());
+    if let Some(m) = &a.model {
+        set("model.path", path(m))?;
+    }
+    if !a.data.is_empty() {
+        set("data.paths", Value::Array(a.data.iter().map(|p| path(p)).collect()))?;
+    }
+    if let Some(p) = &a.eval_data {
+        set("data.eval_data", path(p))?;
+    }
+    if let Some(t) = &a.template {
+        set("data.template", Value::String(t.clone()))?;
+    }
+    if let Some(o) = &a.out {
+        set("output.dir", path(o))?;
+    }
+    if let Some(r) = &a.resume {
+        set("output.resume", Value::String(r.clone()))?;
+    }
+    let int = |v: usize| Value::Integer(v as i64);
+    for (k, v) in [
+        ("train.max_steps", a.max_steps),
+        ("train.batch_size", a.batch_size),
+        ("train.grad_accum", a.grad_accum),
+        ("data.max_seq_len", a.max_seq_len),
+        ("lora.r", a.lora_r),
+    ] {
+        if let Some(v) = v {
+            set(k, int(v))?;
+        }
+    }
+    for (k, v) in
+        [("train.epochs", a.epochs), ("lora.alpha", a.lora_alpha), ("lora.dropout", a.lora_dropout), ("optim.lr", a.lr)]
+    {
+        if let Some(v) = v {
+            set(k, Value::Float(v))?;
+        }
+    }
+    if let Some(s) = a.seed {
+        set("train.seed", Value::Integer(s as i64))?;
+    }
+    for (k, v) in [
+        ("optim.scheduler", &a.scheduler),
+        ("optim.optimizer", &a.optimizer),
+        ("model.base_precision", &a.base_precision),
+    ] {
+        if let Some(v) = v {
+            set(k, Value::String(v.clone()))?;
+        }
+    }
+    if let Some(w) = &a.warmup {
+        if w.contains('.') {
+            set("optim.warmup_ratio", Value::Float(w.parse().with_context(|| format!("--warmup {w}: not a number"))?))?;
+        } else {
+            set(
+                "optim.warmup_steps",
+                Value::Integer(w.parse().with_context(|| format!("--warmup {w}: not a number"))?),
+            )?;
+        }
+    }
+    if a.packing {
+        set("data.packing", Value::Boolean(true))?;
+    }
+    if !a.target_modules.is_empty() {
+        set("lora.target_modules", Value::Array(a.target_modules.iter().map(|m| Value::String(m.clone())).collect()))?;
+    }
+    let cfg = TrainConfig::load(a.config.as_deref(), &flags, &a.sets)?;
+    let interrupt = gristmill::train::progress::interrupt_flag()?;
+    let hooks = gristmill::train::trainer::Hooks { on_step: None, interrupt: Some(interrupt), progress: true };
+    let out = gristmill::train::trainer::train(&cfg, hooks)?;
+    let how = if out.interrupted {
+        "interrupted; resume with --resume latest"
+    } else if out.early_stopped {
+        "stopped early"
+    } else {
+        "done"
+    };
+    println!(
+        "{how}: {}/{} steps in {:.1}s ({:.0} tokens/s), last loss {:.4}{}",
+        out.steps,
+        out.total_steps,
+        out.seconds,
+        out.tokens as f64 / out.seconds.max(1e-9),
+        out.last_loss,
+        out.eval_loss.map(|e| format!(", validation loss {e:.4} (ppl {:.2})", e.exp())).unwrap_or_default()
+    );
+    println!("adapter, logs and loss.png in {}", out.run_dir.display());
     Ok(())
 }
 

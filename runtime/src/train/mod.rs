@@ -9,3 +9,4 @@ pub mod progress;
 pub mod schedule;
 pub mod step;
 pub mod tfevents;
+pub mod trainer;
