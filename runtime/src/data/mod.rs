@@ -13,6 +13,21 @@
 //!    with shifted targets, and can be checkpointed and resumed ([`BatcherState`]).
 //!
 //! [`synth`] makes GSM8K-style arithmetic word problems and scores answers (`#### N`).
+//!
+//! What a trainer must know:
+//!
+//! - [`Batch::targets`] is already shifted: the cross-entropy at position `t` compares the logits
+//!   computed at `t` with `targets[t]`, which is the id at `t + 1` when that token is in the loss
+//!   and in the same example, else `IGNORE_INDEX` (-100). Never shift again. The loss is the sum
+//!   over targets divided by [`Batch::n_targets`] (summed over micro-batches when accumulating).
+//! - Attention must be causal *and* within a segment ([`Batch::segments`]); positions restart at 0
+//!   for each packed example. Padding has a segment of its own and no targets.
+//! - [`Tokenized::loss_mask`] marks tokens that are *predicted* (so index 0 is always false); a
+//!   BPE merge across the prompt/response boundary makes [`tokenize`] fall back to tokenizing
+//!   prompt and response separately (the generation-time tokenization of the prompt), counted
+//!   in [`TokenizeReport::boundary_merges`].
+//! - A [`Batcher`] rolls over to the next epoch right after an epoch's last batch; its
+//!   [`BatcherState`] is all it takes to resume (the examples and options must be the same).
 
 mod batch;
 mod format;

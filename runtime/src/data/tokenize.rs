@@ -118,6 +118,11 @@ impl std::fmt::Display for TokenizeReport {
 /// Tokenizes one example with its loss mask. `None` when no loss token survives truncation (the
 /// caller counts it); errors come from the template (a missing field, a chat example without the
 /// chat template) or the tokenizer.
+///
+/// Text templates get the tokenizer's BOS in front when its `encode(.., true)` would add one
+/// ([`Tokenizer::add_bos_token`]); chat templates write BOS themselves, so nothing is added. EOS
+/// follows [`TokenizeOptions::add_eos`]. Sequences longer than `max_len` keep their first
+/// `max_len` tokens.
 pub fn tokenize(
     tok: &Tokenizer,
     template: &Template,
@@ -127,27 +132,43 @@ pub fn tokenize(
     Ok(tokenize_one(tok, template, example, opts)?.tokens)
 }
 
-/// Tokenizes every example, dropping those with no loss token left (see [`tokenize`]).
+/// Tokenizes every example (in parallel, keeping their order), dropping those with no loss token
+/// left (see [`tokenize`]). The first error, in example order, is returned.
 pub fn tokenize_all(
     tok: &Tokenizer,
     template: &Template,
     examples: &[Example],
     opts: &TokenizeOptions,
 ) -> Result<(Vec<Tokenized>, TokenizeReport)> {
+    // Examples are independent: tokenize them on all cores, in contiguous chunks so that the
+    // output keeps the input order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(examples.len().div_ceil(64)).max(1);
+    let chunk = examples.len().div_ceil(threads).max(1);
+    let results: Vec<Result<Vec<One>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = examples
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|ex| tokenize_one(tok, template, ex, opts)).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Tokenizer("a tokenizing thread panicked".into()))))
+            .collect()
+    });
     let mut report = TokenizeReport { examples: examples.len(), ..Default::default() };
     let mut out = Vec::with_capacity(examples.len());
-    for ex in examples {
-        let one = tokenize_one(tok, template, ex, opts)?;
-        report.boundary_merges += usize::from(one.piecewise);
-        match one.tokens {
-            Some(t) => {
-                report.truncated += usize::from(one.truncated);
-                report.tokens += t.len();
-                report.loss_tokens += t.n_loss();
-                report.longest = report.longest.max(t.len());
-                out.push(t);
+    for part in results {
+        for one in part? {
+            report.boundary_merges += usize::from(one.piecewise);
+            match one.tokens {
+                Some(t) => {
+                    report.truncated += usize::from(one.truncated);
+                    report.tokens += t.len();
+                    report.loss_tokens += t.n_loss();
+                    report.longest = report.longest.max(t.len());
+                    out.push(t);
+                }
+                None => report.dropped_no_loss += 1,
             }
-            None => report.dropped_no_loss += 1,
         }
     }
     report.kept = out.len();
