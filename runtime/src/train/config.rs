@@ -292,7 +292,7 @@ impl Default for TrainSection {
 // ---------------------------------------------------------------------------------------------
 // The key table. serde knows the fields too, but not how to explain them: this table gives every
 // key its type (to parse `--set` values and to word type errors), whether it is required, and a
-// one-line description (for `gristmill train --help-config`). A test keeps it in sync with the
+// one-line description (for a CLI to list). A test keeps it in sync with the
 // structs above.
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -326,9 +326,9 @@ const fn required(name: &'static str, kind: Kind, doc: &'static str) -> KeySpec 
 const SECTIONS: [&str; 6] = ["model", "data", "lora", "optim", "train", "output"];
 
 const KEYS: &[KeySpec] = &[
-    required("model.path", Kind::Path, "base model: a directory (config.json, safetensors) or a .gguf file"),
+    required("model.path", Kind::Path, "the base model: a directory with config.json and safetensors, or a .gguf file"),
     key("model.base_precision", Kind::Choice(&["nf4", "bf16", "f32"]), "storage of the frozen base weights (nf4)"),
-    required("data.paths", Kind::Paths, "training data files (JSON/JSONL)"),
+    required("data.paths", Kind::Paths, "training data files, JSON or JSONL"),
     key("data.format", Kind::Str, "record format of the data files (auto)"),
     key("data.template", Kind::Str, "prompt template (auto: the tokenizer's chat template)"),
     key("data.eval_data", Kind::Path, "a separate evaluation data file"),
@@ -429,29 +429,43 @@ fn suggest(unknown: &str) -> Option<&'static str> {
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == leaf) {
         return Some(to);
     }
-    // The right name in the wrong table (`train.lr`), or no table at all (`lr`).
-    if let Some(k) = KEYS.iter().find(|k| k.name.rsplit('.').next() == Some(leaf)) {
+    let leaf_of = |name: &'static str| name.rsplit('.').next().unwrap_or(name);
+    let near = (leaf.chars().count() / 3).max(2);
+    // A typo within the right table (`data.path`, `train.batchsize`) first…
+    if let Some((section, _)) = unknown.split_once('.') {
+        let same = KEYS
+            .iter()
+            .filter(|k| k.name.split_once('.').map(|(s, _)| s) == Some(section))
+            .map(|k| (k.name, edit_distance(leaf, leaf_of(k.name))))
+            .min_by_key(|&(_, d)| d);
+        if let Some((name, d)) = same
+            && d <= near
+        {
+            return Some(name);
+        }
+    }
+    // …then the right name in the wrong table (`train.lr`) or in none (`lr`)…
+    if let Some(k) = KEYS.iter().find(|k| leaf_of(k.name) == leaf) {
         return Some(k.name);
     }
-    let has_section = unknown.contains('.');
-    let (best, dist) = KEYS
-        .iter()
-        .map(|k| {
-            let d = if has_section {
-                edit_distance(unknown, k.name)
-            } else {
-                edit_distance(unknown, k.name.rsplit('.').next().unwrap_or(k.name))
-            };
-            (k.name, d)
-        })
-        .min_by_key(|&(_, d)| d)?;
-    (dist <= (leaf.chars().count() / 3).max(2)).then_some(best)
+    // …then the closest name anywhere.
+    let (best, dist) = KEYS.iter().map(|k| (k.name, edit_distance(leaf, leaf_of(k.name)))).min_by_key(|&(_, d)| d)?;
+    (dist <= near).then_some(best)
 }
 
 fn unknown_key_msg(key: &str, origin: &str) -> String {
-    match suggest(key) {
-        Some(s) => format!("unknown key `{key}` {origin}; did you mean `{s}`?"),
-        None => format!("unknown key `{key}` {origin} (the keys are listed by `gristmill train --help-config`)"),
+    if let Some(s) = suggest(key) {
+        return format!("unknown key `{key}` {origin}; did you mean `{s}`?");
+    }
+    // No close match: list what the table has, or the tables.
+    let section = key.split_once('.').map(|(s, _)| s).filter(|s| SECTIONS.contains(s));
+    match section {
+        Some(section) => {
+            let fields: Vec<&str> =
+                KEYS.iter().filter_map(|k| k.name.strip_prefix(section)?.strip_prefix('.')).collect();
+            format!("unknown key `{key}` {origin}; the keys of [{section}] are {}", fields.join(", "))
+        }
+        None => format!("unknown key `{key}` {origin}; keys are `table.key`, with tables {}", SECTIONS.join(", ")),
     }
 }
 
@@ -696,7 +710,7 @@ impl TrainConfig {
                 let (section, field) = k.name.split_once('.').unwrap_or((k.name, ""));
                 !matches!(table.get(section), Some(Value::Table(t)) if t.contains_key(field))
             })
-            .map(|k| format!("missing `{}` ({}): set it in the config file or with --set {}=…", k.name, k.doc, k.name))
+            .map(|k| format!("missing `{}`, {}; set it in the config file or with `--set {}=…`", k.name, k.doc, k.name))
             .collect();
         if !missing.is_empty() {
             return Err(Error::config(missing.join("\n")));
@@ -812,7 +826,7 @@ impl TrainConfig {
     /// The resolved configuration as TOML, for the run directory's `config.toml`; loading it again
     /// gives the same configuration.
     pub fn to_toml_string(&self) -> Result<String> {
-        let body = toml::to_string_pretty(self).map_err(|e| Error::config(format!("cannot write the config: {e}")))?;
+        let body = toml::to_string(self).map_err(|e| Error::config(format!("cannot write the config: {e}")))?;
         Ok(format!("# gristmill {} training configuration, as resolved for this run\n\n{body}", crate::VERSION))
     }
 
@@ -1027,6 +1041,9 @@ mod tests {
         assert!(e.contains("did you mean `optim.warmup_steps`?"), "{e}");
         let e = err(with(&["lora.xyzzy_plugh=2"]));
         assert!(e.contains("unknown key `lora.xyzzy_plugh`") && !e.contains("did you mean"), "{e}");
+        assert!(e.contains("the keys of [lora] are r, alpha, dropout, target_modules, rslora, init_seed"), "{e}");
+        let e = err(with(&["xyzzy_plugh=2"]));
+        assert!(e.contains("with tables model, data, lora, optim, train, output"), "{e}");
         let e = err(load_str(&format!("{MIN}[optimizer]\nlr = 1e-4\n"), &[]));
         assert!(e.contains("unknown table `[optimizer]`") && e.contains("`[optim]`"), "{e}");
         let e = err(load_str(&format!("lr = 1e-4\n{MIN}"), &[]));
@@ -1078,7 +1095,7 @@ mod tests {
         let e = err(TrainConfig::from_toml_str("[model]\npath = \"m\"\n"));
         assert!(e.contains("missing `data.paths`") && e.contains("missing `output.dir`"), "{e}");
         assert!(!e.contains("missing `model.path`"), "{e}");
-        assert!(e.contains("--set output.dir="), "{e}");
+        assert!(e.contains("`--set output.dir=…`"), "{e}");
     }
 
     #[test]
@@ -1158,5 +1175,10 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(suggest("lora.rank"), Some("lora.r"));
         assert_eq!(suggest("num_train_epochs"), Some("train.epochs"));
+        assert_eq!(suggest("data.path"), Some("data.paths"), "the same table first");
+        assert_eq!(suggest("lr"), Some("optim.lr"));
+        assert_eq!(suggest("train.lr"), Some("optim.lr"));
+        assert_eq!(suggest("train.warmup_step"), Some("optim.warmup_steps"));
+        assert_eq!(suggest("lora.targets"), None);
     }
 }

@@ -31,8 +31,10 @@ pub struct Progress {
     /// the steps a resumed run skipped, do not distort the ETA.
     first: Option<(usize, Instant)>,
     last_draw: Option<Instant>,
-    /// The bar as last drawn, to put back under a message.
+    /// The bar of the latest update, to put back under a message.
     line: Option<String>,
+    /// `line` is newer than what the terminal shows (the redraw was rate-limited).
+    stale: bool,
     finished: bool,
 }
 
@@ -47,6 +49,7 @@ impl Progress {
             first: None,
             last_draw: None,
             line: None,
+            stale: false,
             finished: false,
         }
     }
@@ -64,16 +67,17 @@ impl Progress {
         let eta = eta_seconds(step, self.total, step.saturating_sub(first_step), (now - first_time).as_secs_f64());
         let last = step >= self.total;
         if self.tty {
-            if !last && self.last_draw.is_some_and(|t| now - t < REDRAW_EVERY) {
-                return;
-            }
-            let line = format!(
+            // Kept even when not drawn now, so that `finish` and `message` show the latest state.
+            self.line = Some(format!(
                 "{} {}",
                 format_bar(step, self.total, BAR_WIDTH),
                 format_status(step, self.total, loss, lr, tokens_per_s, eta)
-            );
-            let _ = write!(std::io::stderr().lock(), "{CLEAR}{line}");
-            self.line = Some(line);
+            ));
+            if !last && self.last_draw.is_some_and(|t| now - t < REDRAW_EVERY) {
+                self.stale = true;
+                return;
+            }
+            self.draw();
             self.last_draw = Some(now);
         } else if step == first_step || step.is_multiple_of(self.every) || last {
             let line = format!("step {}", format_status(step, self.total, loss, lr, tokens_per_s, eta));
@@ -89,6 +93,7 @@ impl Progress {
             if let Some(line) = &self.line {
                 let _ = write!(err, "{line}");
             }
+            self.stale = false;
         } else {
             let _ = writeln!(err, "{msg}");
         }
@@ -97,9 +102,19 @@ impl Progress {
     /// Ends the display: on a terminal the bar stays as the last line drawn, followed by a newline.
     pub fn finish(&mut self) {
         if self.tty && !self.finished && self.line.is_some() {
+            if self.stale {
+                self.draw();
+            }
             let _ = writeln!(std::io::stderr().lock());
         }
         self.finished = true;
+    }
+
+    fn draw(&mut self) {
+        if let Some(line) = &self.line {
+            let _ = write!(std::io::stderr().lock(), "{CLEAR}{line}");
+        }
+        self.stale = false;
     }
 }
 
