@@ -148,8 +148,10 @@ pub fn attach_lora_tensors(
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
     pub r: usize,
-    pub alpha: f32,
-    pub dropout: f32,
+    /// f64 so that the written adapter_config.json shows the value the user wrote (0.05, not
+    /// 0.05000000074505806).
+    pub alpha: f64,
+    pub dropout: f64,
     pub rslora: bool,
     /// Module names (q_proj, …, down_proj) that get an adapter.
     pub target_modules: Vec<String>,
@@ -170,7 +172,7 @@ pub fn init_lora(model: &mut LlamaModel, spec: &LoraSpec, seed: u64) -> Result<u
             )));
         }
     }
-    let scale = lora_scale(spec.alpha, spec.r, spec.rslora)?;
+    let scale = lora_scale(spec.alpha as f32, spec.r, spec.rslora)?;
     let mut rng = gristmill_core::rng::Rng::new(seed);
     let mut n = 0;
     for layer in &mut model.layers {

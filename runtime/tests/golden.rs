@@ -157,3 +157,24 @@ fn bitsandbytes_f32_checkpoint_loads_and_matches_its_logits() {
 fn bitsandbytes_bf16_checkpoint_loads_and_matches_its_logits() {
     check_bnb_logits("tiny_llama_bnb4", 0.3);
 }
+
+#[test]
+fn an_adapter_we_trained_gives_peft_s_logits() {
+    // tests/fixtures/peft_adapter: an adapter written by `gristmill train` on the tiny model, and
+    // the logits transformers + PEFT computed with it (tests/golden/check_peft_adapter.py).
+    let dir = fixtures().join("peft_adapter");
+    let mut model = LlamaModel::load(&fixtures().join("tiny_llama"), BasePrecision::F32).unwrap();
+    assert_eq!(gristmill::adapter::load_peft_adapter(&mut model, &dir).unwrap(), 14);
+    let ck = Checkpoint::open(dir.join("peft_adapter_logits.safetensors")).unwrap();
+    let ids = ck.to_f32("input_ids").unwrap();
+    let shape = ck.get("input_ids").unwrap().shape.to_vec();
+    let (b, t) = (shape[0], shape[1]);
+    let want = ck.to_f32("logits").unwrap();
+    let v = want.len() / (b * t);
+    for s in 0..b {
+        let seq: Vec<u32> = ids[s * t..(s + 1) * t].iter().map(|&x| x as u32).collect();
+        let ours = model.forward(&seq, &mut model.new_cache(), true).unwrap();
+        let d = max_diff(&ours, &want[s * t * v..(s + 1) * t * v]);
+        assert!(d <= 2e-4, "sequence {s}: max |Δlogit| {d} against PEFT");
+    }
+}

@@ -156,8 +156,8 @@ pub fn load_base(cfg: &TrainConfig) -> Result<LlamaModel> {
 pub fn lora_spec(cfg: &TrainConfig) -> LoraSpec {
     LoraSpec {
         r: cfg.lora.r,
-        alpha: cfg.lora.alpha as f32,
-        dropout: cfg.lora.dropout as f32,
+        alpha: cfg.lora.alpha,
+        dropout: cfg.lora.dropout,
         rslora: cfg.lora.rslora,
         target_modules: cfg.lora.target_modules.clone(),
     }
