@@ -212,13 +212,13 @@ fn check_batch(model: &LlamaModel, batch: &Batch) -> Result<()> {
     if !ok || m == 0 {
         return Err(Error::Invalid(format!("batch of {}×{} has buffers of the wrong size", batch.b, batch.t)));
     }
-    if let Some(p) = batch.positions.iter().max() {
-        if *p as usize >= model.cfg.max_position_embeddings {
-            return Err(Error::Invalid(format!(
-                "position {p} is beyond the model's context of {} (lower --max-seq-len)",
-                model.cfg.max_position_embeddings
-            )));
-        }
+    if let Some(p) = batch.positions.iter().max()
+        && *p as usize >= model.cfg.max_position_embeddings
+    {
+        return Err(Error::Invalid(format!(
+            "position {p} is beyond the model's context of {} (lower --max-seq-len)",
+            model.cfg.max_position_embeddings
+        )));
     }
     Ok(())
 }

@@ -408,8 +408,11 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
 
         let at_end = state.global_step == total;
         let mut is_best = false;
-        if !data.val.is_empty() && (state.global_step % eval_every == 0 || at_end) {
-            if let Some(ev) = evaluate(&model, &data.val, cfg.train.batch_size, cfg.data.max_seq_len, pad)? {
+        if !data.val.is_empty()
+            && (state.global_step.is_multiple_of(eval_every) || at_end)
+            && let Some(ev) = evaluate(&model, &data.val, cfg.train.batch_size, cfg.data.max_seq_len, pad)?
+        {
+            {
                 rec.eval_loss = Some(ev);
                 rec.eval_ppl = Some(ev.exp());
                 is_best = state.observe_eval(state.global_step, ev);
@@ -419,7 +422,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
                 }
             }
         }
-        if state.global_step % cfg.train.log_every.max(1) == 0 || at_end || rec.eval_loss.is_some() {
+        if state.global_step.is_multiple_of(cfg.train.log_every.max(1)) || at_end || rec.eval_loss.is_some() {
             metrics.write(&rec)?;
             let scalars: Vec<(String, f64)> = rec.scalars();
             let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -432,15 +435,15 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
                 p.message(&format!("step {}: eval loss {ev:.4} (ppl {:.2})", state.global_step, ev.exp()));
             }
         }
-        if let Some(cb) = on_step.as_mut() {
-            if !cb(&rec) {
-                interrupted = true;
-            }
+        if let Some(cb) = on_step.as_mut()
+            && !cb(&rec)
+        {
+            interrupted = true;
         }
         if hooks.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
             interrupted = true;
         }
-        let save_now = (cfg.train.save_every > 0 && state.global_step % cfg.train.save_every == 0)
+        let save_now = (cfg.train.save_every > 0 && state.global_step.is_multiple_of(cfg.train.save_every))
             || at_end
             || interrupted
             || early
