@@ -10,8 +10,13 @@
 //!
 //! Each figure is 2·M·N·K / (median time) after one warm-up run, in GFLOP/s. The plain-loop
 //! reference of gristmill-core is timed on one small shape for scale: it is the spec, not a
-//! contender. The hand-written AVX2 kernel this replaced measured ~26 GFLOP/s (nt) and ~24
-//! GFLOP/s (nf4 nt) on these shapes, on the same 2-core machine.
+//! contender.
+//!
+//! For comparison, the hand-written AVX2 dot-product kernel that `matmul_nt` / `nf4_matmul_nt` used
+//! before gemm measured 25–28 GFLOP/s (nt) and 21–25 GFLOP/s (nf4 nt) on these shapes with 2
+//! threads on the 2-core AVX-512 development VM; gemm runs at 70–150 there (shared, noisy cores).
+//! gemm is built without its `x86-v4` feature, so it uses AVX2 kernels even where AVX-512 exists;
+//! with `x86-v4` (run-time detected, safe elsewhere) the same binary measured about 1.5–2× faster.
 
 use gristmill::cpu;
 use gristmill_core::nf4::Nf4Tensor;
@@ -26,13 +31,13 @@ use std::time::Instant;
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 /// Median seconds of `f` over up to 30 runs or about 1 s, after one warm-up run.
-fn median_secs(mut f: impl FnMut() -> BoxResult<()>) -> BoxResult<f64> {
-    f()?;
+fn median_secs<E: Into<Box<dyn Error>>>(mut f: impl FnMut() -> Result<Vec<f32>, E>) -> BoxResult<f64> {
+    black_box(f().map_err(Into::into)?);
     let start = Instant::now();
     let mut times = Vec::new();
     while times.len() < 3 || (times.len() < 30 && start.elapsed().as_secs_f64() < 1.0) {
         let t = Instant::now();
-        f()?;
+        black_box(f().map_err(Into::into)?);
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -60,11 +65,11 @@ fn main() -> BoxResult<()> {
         let w = randv(&mut rng, n * k);
         let dy = randv(&mut rng, m * n);
         let wq = Nf4Tensor::quantize(&w, Shape::new([n, k])?, DType::BF16, true)?;
-        let nt = median_secs(|| Ok(drop(black_box(cpu::matmul_nt(&x, &w, m, k, n)?))))?;
-        let nn = median_secs(|| Ok(drop(black_box(cpu::matmul_nn(&dy, &w, m, n, k)?))))?;
-        let tn = median_secs(|| Ok(drop(black_box(cpu::matmul_tn(&dy, &x, n, m, k)?))))?;
-        let qnt = median_secs(|| Ok(drop(black_box(cpu::nf4_matmul_nt(&x, &wq, m)?))))?;
-        let qnn = median_secs(|| Ok(drop(black_box(cpu::nf4_matmul_nn(&dy, &wq, m)?))))?;
+        let nt = median_secs(|| cpu::matmul_nt(&x, &w, m, k, n))?;
+        let nn = median_secs(|| cpu::matmul_nn(&dy, &w, m, n, k))?;
+        let tn = median_secs(|| cpu::matmul_tn(&dy, &x, n, m, k))?;
+        let qnt = median_secs(|| cpu::nf4_matmul_nt(&x, &wq, m))?;
+        let qnn = median_secs(|| cpu::nf4_matmul_nn(&dy, &wq, m))?;
         println!(
             "{:>14} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
             format!("({n}, {k})"),
@@ -81,10 +86,10 @@ fn main() -> BoxResult<()> {
     let x = randv(&mut rng, m * k);
     let w = randv(&mut rng, n * k);
     let wq = Nf4Tensor::quantize(&w, Shape::new([n, k])?, DType::BF16, true)?;
-    let r = median_secs(|| Ok(drop(black_box(matmul_fwd_ref(&x, &w, m, k, n, Trans::N, Trans::T)?))))?;
-    let rq = median_secs(|| Ok(drop(black_box(nf4_gemm_fwd_ref(&x, &wq, m)?))))?;
-    let f = median_secs(|| Ok(drop(black_box(cpu::matmul_nt(&x, &w, m, k, n)?))))?;
-    let fq = median_secs(|| Ok(drop(black_box(cpu::nf4_matmul_nt(&x, &wq, m)?))))?;
+    let r = median_secs(|| matmul_fwd_ref(&x, &w, m, k, n, Trans::N, Trans::T))?;
+    let rq = median_secs(|| nf4_gemm_fwd_ref(&x, &wq, m))?;
+    let f = median_secs(|| cpu::matmul_nt(&x, &w, m, k, n))?;
+    let fq = median_secs(|| cpu::nf4_matmul_nt(&x, &wq, m))?;
     println!("\nM = {m}, (N, K) = ({n}, {k}), GFLOP/s:");
     println!(
         "  matmul_fwd_ref (plain loop) {:>7.2}   cpu::matmul_nt     {:>7.1}",
