@@ -24,6 +24,31 @@ enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a LoRA adapter (QLoRA: NF4 base by default) on a dataset.
     Train(Box<TrainArgs>),
+    /// Score a model (with an optional adapter) on a dataset by exact match of the final answer
+    /// (GSM8K's "#### N" or the last number), greedy decoding.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Examples with gold answers (GSM8K-style or any format with a response).
+        #[arg(long)]
+        data: PathBuf,
+        /// Prompt template (as for train): auto, alpaca, dolly, chat, plain or a custom one.
+        #[arg(long, default_value = "auto")]
+        template: String,
+        #[arg(long)]
+        max_examples: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Print this many examples with the model's output.
+        #[arg(long, default_value_t = 3)]
+        show: usize,
+        /// Write every scored example here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Write a synthetic dataset (GSM8K-style JSON Lines: question, worked answer ending in
     /// "#### N"): templated arithmetic word problems with exact answers.
     Synth {
@@ -201,6 +226,9 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate_cmd(args),
         Command::Train(args) => train_cmd(*args),
         Command::Synth { n, seed, out } => synth_cmd(n, seed, &out),
+        Command::Eval { model, adapter, data, template, max_examples, max_new_tokens, show, json } => {
+            eval_cmd(&model, adapter.as_deref(), &data, &template, max_examples, max_new_tokens, show, json.as_deref())
+        }
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
         Command::Inspect { path, tensors } => {
             let report = gristmill::inspect::inspect(&path)?;
@@ -333,6 +361,73 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             g.ids.len(),
             g.tokens_per_s()
         );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_cmd(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    template: &str,
+    max_examples: Option<usize>,
+    max_new_tokens: usize,
+    show: usize,
+    json: Option<&Path>,
+) -> Result<()> {
+    use gristmill::data::{Format, Template, load_examples};
+    let mut model = LlamaModel::load(model_dir, BasePrecision::AsStored)?;
+    if let Some(dir) = adapter {
+        gristmill::adapter::load_peft_adapter(&mut model, dir)?;
+    }
+    let tok = Tokenizer::from_dir(model_dir)?;
+    let (mut examples, report) = load_examples(data, Format::Auto)?;
+    if let Some(n) = max_examples {
+        examples.truncate(n);
+    }
+    let template = Template::resolve(Some(template), &tok, report.format)?;
+    let tty = std::io::stderr().is_terminal();
+    let r = gristmill::eval::exact_match_eval(&model, &tok, &template, &examples, max_new_tokens, &mut |d, n| {
+        if tty {
+            eprint!("\rscoring {d}/{n}");
+            if d == n {
+                eprintln!();
+            }
+        }
+    })?;
+    for item in r.items.iter().take(show) {
+        println!("--- {}", item.prompt.trim_end());
+        println!("{}", item.output.trim_end());
+        println!(
+            "[gold {}, predicted {}: {}]",
+            item.gold,
+            item.predicted.as_deref().unwrap_or("none"),
+            if item.correct { "correct" } else { "wrong" }
+        );
+    }
+    let who = match adapter {
+        Some(a) => format!("{} + adapter {}", model_dir.display(), a.display()),
+        None => model_dir.display().to_string(),
+    };
+    println!(
+        "exact match: {}/{} = {:.1}% ({who}; template {}; {:.1}s, {:.1} tok/s)",
+        r.correct,
+        r.n(),
+        100.0 * r.accuracy(),
+        template.name(),
+        r.seconds,
+        r.new_tokens as f64 / r.seconds.max(1e-9)
+    );
+    if let Some(path) = json {
+        let items: Vec<serde_json::Value> = r
+            .items
+            .iter()
+            .map(|i| serde_json::json!({"prompt": i.prompt, "gold": i.gold, "output": i.output, "predicted": i.predicted, "correct": i.correct}))
+            .collect();
+        let doc = serde_json::json!({"exact_match": r.accuracy(), "correct": r.correct, "n": r.n(), "items": items});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

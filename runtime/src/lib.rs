@@ -16,6 +16,7 @@ pub mod config;
 pub mod data;
 pub mod cpu;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod inspect;

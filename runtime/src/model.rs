@@ -184,7 +184,9 @@ impl LlamaModel {
             }
             Ok(v)
         };
-        let linear = |prefix: &str, n: usize, k: usize, has_bias: bool| -> Result<Linear> {
+        // QLoRA quantizes the decoder's projections only: the LM head stays dense (as
+        // bitsandbytes leaves it) unless the checkpoint itself stores it in 4 bits.
+        let linear_as = |prefix: &str, n: usize, k: usize, has_bias: bool, base: BasePrecision| -> Result<Linear> {
             let name = format!("{prefix}.weight");
             let as_ = match base {
                 BasePrecision::Nf4 => LoadAs::Nf4,
@@ -209,6 +211,7 @@ impl LlamaModel {
             let bias = if has_bias { Some(vector(&format!("{prefix}.bias"), n)?) } else { None };
             Ok(Linear { weight, bias, lora: None, n, k })
         };
+        let linear = |prefix: &str, n: usize, k: usize, has_bias: bool| linear_as(prefix, n, k, has_bias, base);
         let (h, hkv, d, f) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -230,7 +233,8 @@ impl LlamaModel {
         let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             None
         } else {
-            Some(linear("lm_head", cfg.vocab_size, c, false)?)
+            let head_base = if base == BasePrecision::Nf4 { BasePrecision::AsStored } else { base };
+            Some(linear_as("lm_head", cfg.vocab_size, c, false, head_base)?)
         };
         Ok(Self { cfg, embed, layers, norm, lm_head })
     }

@@ -293,34 +293,9 @@ pub fn micro_step(
     }
     let (hn, rstd_f) = rmsnorm_fwd_ref(&x, &model.norm, m, c, eps)?;
 
-    // ---- LM head + cross-entropy, chunked; the backward of the head is done on the way ----
-    let mut stats = MicroStats::default();
+    // ---- LM head + cross-entropy, with the head's backward on the way ----
     let mut dhn = vec![0f32; m * c];
-    for r0 in (0..m).step_by(CE_CHUNK) {
-        let r1 = (r0 + CE_CHUNK).min(m);
-        let rows = r1 - r0;
-        let targets = &batch.targets[r0..r1];
-        if targets.iter().all(|&tg| tg == IGNORE_INDEX) {
-            continue;
-        }
-        let hc = &hn[r0 * c..r1 * c];
-        let logits = match &model.lm_head {
-            Some(head) => head.forward(hc, rows)?,
-            None => cpu::matmul_nt(hc, &model.embed, rows, c, v)?,
-        };
-        let ce = cross_entropy_fwd_ref(&logits, targets, rows, v, IGNORE_INDEX)?;
-        stats.loss_sum += f64::from(ce.loss_sum);
-        stats.n_targets += ce.n_counted;
-        let dlogits = cross_entropy_bwd_ref(&logits, targets, &ce.lse, rows, v, IGNORE_INDEX, grad_scale)?;
-        let dh = match &model.lm_head {
-            Some(head) => match &head.weight {
-                Weight::Dense(w) => cpu::matmul_nn(&dlogits, w, rows, v, c)?,
-                Weight::Nf4(w) => cpu::nf4_matmul_nn(&dlogits, w, rows)?,
-            },
-            None => cpu::matmul_nn(&dlogits, &model.embed, rows, v, c)?,
-        };
-        dhn[r0 * c..r1 * c].copy_from_slice(&dh);
-    }
+    let stats = head_loss(model, &hn, &batch.targets, Some((grad_scale, &mut dhn)))?;
 
     // ---- backward ----
     let (mut dx, _) = rmsnorm_bwd_ref(&x, &model.norm, &rstd_f, &dhn, m, c)?;
@@ -406,21 +381,49 @@ pub fn eval_loss(model: &LlamaModel, batch: &Batch) -> Result<MicroStats> {
         x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
     }
     let (hn, _) = rmsnorm_fwd_ref(&x, &model.norm, m, c, cfg.rms_norm_eps)?;
+    head_loss(model, &hn, &batch.targets, None)
+}
+
+/// The LM head fused with cross-entropy over the rows that have a target, `CE_CHUNK` rows at a
+/// time, so that the (M, V) logits never exist at once and rows without a target (prompts,
+/// padding: often most of a batch) cost nothing. With `backward = Some((scale, dhn))` the
+/// gradient of `scale · Σ loss` with respect to the final hidden states is written into `dhn`
+/// (M, C) at those rows.
+///
+/// hn: (M, C) final hidden states; targets: (M).
+fn head_loss(
+    model: &LlamaModel,
+    hn: &[f32],
+    targets: &[i64],
+    mut backward: Option<(f32, &mut [f32])>,
+) -> Result<MicroStats> {
+    let (c, v) = (model.cfg.hidden_size, model.cfg.vocab_size);
+    let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] != IGNORE_INDEX).collect();
     let mut stats = MicroStats::default();
-    for r0 in (0..m).step_by(CE_CHUNK) {
-        let r1 = (r0 + CE_CHUNK).min(m);
-        let targets = &batch.targets[r0..r1];
-        if targets.iter().all(|&tg| tg == IGNORE_INDEX) {
-            continue;
-        }
-        let hc = &hn[r0 * c..r1 * c];
+    for chunk in rows.chunks(CE_CHUNK) {
+        let n = chunk.len();
+        let hc: Vec<f32> = chunk.iter().flat_map(|&r| hn[r * c..(r + 1) * c].iter().copied()).collect();
+        let tg: Vec<i64> = chunk.iter().map(|&r| targets[r]).collect();
         let logits = match &model.lm_head {
-            Some(head) => head.forward(hc, r1 - r0)?,
-            None => cpu::matmul_nt(hc, &model.embed, r1 - r0, c, v)?,
+            Some(head) => head.forward(&hc, n)?,
+            None => cpu::matmul_nt(&hc, &model.embed, n, c, v)?,
         };
-        let ce = cross_entropy_fwd_ref(&logits, targets, r1 - r0, v, IGNORE_INDEX)?;
+        let ce = cross_entropy_fwd_ref(&logits, &tg, n, v, IGNORE_INDEX)?;
         stats.loss_sum += f64::from(ce.loss_sum);
         stats.n_targets += ce.n_counted;
+        if let Some((scale, dhn)) = backward.as_mut() {
+            let dlogits = cross_entropy_bwd_ref(&logits, &tg, &ce.lse, n, v, IGNORE_INDEX, *scale)?;
+            let dh = match &model.lm_head {
+                Some(head) => match &head.weight {
+                    Weight::Dense(w) => cpu::matmul_nn(&dlogits, w, n, v, c)?,
+                    Weight::Nf4(w) => cpu::nf4_matmul_nn(&dlogits, w, n)?,
+                },
+                None => cpu::matmul_nn(&dlogits, &model.embed, n, v, c)?,
+            };
+            for (k, &r) in chunk.iter().enumerate() {
+                dhn[r * c..(r + 1) * c].copy_from_slice(&dh[k * c..(k + 1) * c]);
+            }
+        }
     }
     Ok(stats)
 }
