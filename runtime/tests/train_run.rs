@@ -123,3 +123,18 @@ fn stopping_and_resuming_gives_the_same_losses() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn example_recipes_parse_and_validate() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            TrainConfig::from_toml_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "examples/ holds the recipes");
+}
