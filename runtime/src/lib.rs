@@ -13,8 +13,8 @@ pub use gristmill_core as core;
 
 pub mod adapter;
 pub mod config;
-pub mod data;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;

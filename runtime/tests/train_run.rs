@@ -77,10 +77,23 @@ fn a_run_writes_its_outputs_and_the_adapter_loads() {
     let run = dir.join("run");
     let out = train(&config(&data, &run, ""), Hooks::default()).unwrap();
     assert_eq!((out.steps, out.total_steps), (12, 12));
-    for f in ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "metrics.jsonl", "config.toml", "loss.png"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "metrics.jsonl",
+        "config.toml",
+        "loss.png",
+    ] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
-    assert!(std::fs::read_dir(&run).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+    assert!(
+        std::fs::read_dir(&run).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out.tfevents."))
+    );
     let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(losses(&records).len(), 12);
     assert!(records.iter().any(|r| r.eval_loss.is_some()), "evaluations are logged");

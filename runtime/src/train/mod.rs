@@ -2,8 +2,8 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod optim;
 pub mod metrics;
+pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod schedule;
