@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use crate::model::{LlamaModel, LoraAdapter};
 use crate::safetensors::{Checkpoint, write_safetensors};
+use crate::util::write_atomic;
 use gristmill_core::bnb::RawTensor;
 use gristmill_core::ops::lora::lora_scale;
 use serde::Deserialize;
@@ -256,13 +257,6 @@ pub fn save_peft_adapter(model: &LlamaModel, spec: &LoraSpec, base_model: &str, 
     let path = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::format(&path, e.to_string()))?;
     write_atomic(&path, text.as_bytes())
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = crate::safetensors::tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -1366,7 +1366,7 @@ fn pre_tokenizer(pre: &str) -> Result<(Value, Value)> {
 
 /// GPT-2's byte-to-character map: printable Latin-1 bytes stand for themselves, the others
 /// (controls, space, 0x7f–0xa0, 0xad) for U+0100 onwards in byte order.
-fn byte_char(b: u8) -> char {
+pub(crate) fn byte_char(b: u8) -> char {
     let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
     if printable(b) {
         return char::from(b);

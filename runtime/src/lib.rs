@@ -25,6 +25,7 @@ pub mod safetensors;
 pub mod selfcheck;
 pub mod tokenizer;
 pub mod train;
+pub mod util;
 
 pub use error::{Error, Result};
 

@@ -54,16 +54,10 @@ pub fn write_safetensors(
             ));
         }
     }
-    let tmp = tmp_path(path);
+    let tmp = crate::util::tmp_path(path);
     let views = tensors.iter().map(|t| (t.name.as_str(), WriteView(t)));
     safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// `dir/.name.tmp` beside `path`.
-pub(crate) fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -672,7 +666,7 @@ fn suggest<'a>(name: &str, names: impl Iterator<Item = &'a str>) -> Option<&'a s
         } else if cand.len().abs_diff(name.len()) > limit {
             continue;
         } else {
-            match levenshtein(name, cand) {
+            match crate::util::edit_distance(name, cand) {
                 d if d <= limit => d + 1,
                 _ => continue,
             }
@@ -682,21 +676,6 @@ fn suggest<'a>(name: &str, names: impl Iterator<Item = &'a str>) -> Option<&'a s
         }
     }
     best.map(|(_, c)| c)
-}
-
-/// Edit distance over chars (two-row dynamic programming).
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

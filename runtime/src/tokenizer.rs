@@ -962,20 +962,7 @@ mod tests {
 
     /// GPT-2's byte-to-character map of byte-level BPE.
     fn byte_chars() -> Vec<char> {
-        let mut printable: Vec<u32> = ('!' as u32..='~' as u32).collect();
-        printable.extend('¡' as u32..='¬' as u32);
-        printable.extend('®' as u32..='ÿ' as u32);
-        let mut extra = 0;
-        (0u32..256)
-            .map(|b| {
-                if printable.contains(&b) {
-                    char::from_u32(b).unwrap()
-                } else {
-                    extra += 1;
-                    char::from_u32(255 + extra).unwrap()
-                }
-            })
-            .collect()
+        (0..=255u8).map(crate::gguf::byte_char).collect()
     }
 
     // Merges: "hello", " w", and the first two bytes of 漢 (E6 BC), so that 漢 splits into a

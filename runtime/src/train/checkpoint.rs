@@ -199,7 +199,7 @@ impl CheckpointManager {
             let index = Index { best_step: self.best };
             let path = self.run_dir.join(INDEX);
             let text = serde_json::to_string(&index).map_err(|e| Error::format(&path, e.to_string()))?;
-            super::metrics::write_atomic(&path, text.as_bytes())?;
+            crate::util::write_atomic(&path, text.as_bytes())?;
         }
         self.prune()?;
         Ok(fin)

@@ -407,21 +407,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("precision", "model.base_precision"),
 ];
 
-/// Levenshtein distance over chars.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let subst = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
-}
+use crate::util::edit_distance;
 
 /// The valid key a user most likely meant by `unknown` (a dotted key or a bare name).
 fn suggest(unknown: &str) -> Option<&'static str> {

@@ -5,6 +5,7 @@
 //! line being written; [`read_metrics`] skips such a torn last line.
 
 use crate::error::{Error, Result};
+use crate::util::write_atomic;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -140,18 +141,6 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
         out.push(r);
     }
     Ok(out)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
-/// `path` holds either the old or the new content, never a part.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    let tmp = path.with_file_name(name);
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Where a run stands, as `trainer_state.json` (field names follow transformers' TrainerState where

@@ -54,7 +54,7 @@ pub fn plot_losses(path: &Path, title: &str, series: &[Series]) -> Result<()> {
 
 /// Plots `series` as lines on linear axes labelled `x_label` and `y_label` into a PNG at `path`.
 pub fn plot_lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
-    super::metrics::write_atomic(path, &encode_png(&render(title, x_label, y_label, series)))
+    crate::util::write_atomic(path, &encode_png(&render(title, x_label, y_label, series)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,32 +464,12 @@ fn glyph(ch: char) -> [u8; 7] {
 // ---------------------------------------------------------------------------------------------
 // PNG.
 
-/// CRC-32 (IEEE, reflected polynomial 0xEDB88320) lookup table, as PNG chunks use it.
-const CRC32_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
+/// CRC-32 (IEEE, reflected polynomial 0xEDB88320), as PNG chunks use it.
+const CRC32_TABLE: [u32; 256] = crate::util::crc32_table(0xEDB8_8320);
 
 /// CRC-32 (IEEE) of the concatenation of `parts`.
 fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut crc = !0u32;
-    for part in parts {
-        for &b in *part {
-            crc = CRC32_TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
-        }
-    }
-    !crc
+    crate::util::crc32_with(&CRC32_TABLE, parts)
 }
 
 /// Adler-32, the zlib stream's checksum of the uncompressed data.

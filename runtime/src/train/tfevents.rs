@@ -19,30 +19,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// CRC-32C (Castagnoli) lookup table of the reflected polynomial 0x82F63B78, built at compile time.
-const CRC32C_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
+/// CRC-32C (Castagnoli) lookup table of the reflected polynomial 0x82F63B78.
+const CRC32C_TABLE: [u32; 256] = crate::util::crc32_table(0x82F6_3B78);
 
 /// CRC-32C of `data`.
 pub fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc = CRC32C_TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crate::util::crc32_with(&CRC32C_TABLE, &[data])
 }
 
 /// The TFRecord mask of a CRC: a CRC stored next to the data it covers is masked so that a CRC of

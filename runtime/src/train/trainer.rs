@@ -15,7 +15,7 @@ use super::progress::Progress;
 use super::schedule::{lr_at, warmup_steps};
 use super::step::{Dropout, LoraGrads, eval_loss, micro_step};
 use super::tfevents::EventWriter;
-use crate::adapter::{AdapterConfig, LoraSpec, attach_lora_tensors, init_lora, save_peft_adapter, write_atomic};
+use crate::adapter::{AdapterConfig, LoraSpec, attach_lora_tensors, init_lora, save_peft_adapter};
 use crate::data::{
     Batch, BatchOptions, Batcher, BatcherState, Example, LoadOptions, Template, TokenizeOptions, Tokenized,
     load_examples_with, split, tokenize_all,
@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::model::{BasePrecision, LlamaModel, Weight};
 use crate::safetensors::{Checkpoint, write_safetensors};
 use crate::tokenizer::Tokenizer;
+use crate::util::write_atomic;
 use gristmill_core::DType;
 use gristmill_core::bnb::RawTensor;
 use gristmill_core::ops::adamw::{AdamWConfig, clip_grad_norm_ref};
