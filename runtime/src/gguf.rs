@@ -16,10 +16,8 @@
 
 use crate::error::{Error, Result};
 use gristmill_core::DType;
-use gristmill_core::bnb::RawTensor;
 use half::{bf16, f16};
 use serde_json::{Map, Value, json};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -865,6 +863,14 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
+/// The error for a tensor of a type [`dequantize`] does not handle.
+fn cannot_dequantize(ty: GgmlType, name: &str) -> Error {
+    Error::tensor(
+        name,
+        format!("GGUF type {ty} cannot be dequantized by gristmill (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"),
+    )
+}
+
 /// `n` values of type `ty` stored in `data`, as f32 (`name` is for errors). Handles F32, F16,
 /// BF16, Q8_0, Q4_0 and Q4_1; any other type is an [`Error::Tensor`] naming it.
 ///
@@ -874,10 +880,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// - Q4_1: `d`, `m`, 16 bytes as Q4_0; x = d·q + m.
 pub fn dequantize(ty: GgmlType, data: &[u8], n: u64, name: &str) -> Result<Vec<f32>> {
     if !ty.can_dequantize() {
-        return Err(Error::tensor(
-            name,
-            format!("GGUF type {ty} cannot be dequantized by gristmill (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"),
-        ));
+        return Err(cannot_dequantize(ty, name));
     }
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let expected = if n.is_multiple_of(bs) { Some(n / bs * ts) } else { None };
@@ -1034,7 +1037,10 @@ fn hf_name(gguf: &str, n_head: usize, n_kv: usize) -> Option<Mapped> {
 /// Imports the Llama GGUF `gguf` into `out_dir` (created if needed) as an HF checkpoint:
 /// `model.safetensors` (HF names, Q/K rows back in rotate-half order, weights dequantized to
 /// `opts.dtype`), `config.json`, `tokenizer.json`, `tokenizer_config.json` and
-/// `generation_config.json`. Each file is written to a temporary name and renamed into place.
+/// `generation_config.json`. Each file is written to a temporary name and renamed into place, so a
+/// failed import never leaves a partial `model.safetensors` nor replaces an existing one. Tensors
+/// are converted and streamed to the file one at a time (in the file's order, by name): the memory
+/// needed is about one tensor's f32 values and output bytes, whatever the model's size.
 /// `progress(done, total)` is called after each tensor.
 pub fn import_gguf(
     gguf: &Path,
@@ -1054,7 +1060,8 @@ pub fn import_gguf(
     let tokenizer_config = tokenizer_config_json(&file, params.context_length)?;
     let generation_config = generation_config_json(&file)?;
 
-    let mut plan = Vec::new();
+    // HF name → (GGUF tensor, heads to un-permute Q/K rows by).
+    let mut plan: BTreeMap<String, (&GgufTensorInfo, Option<usize>)> = BTreeMap::new();
     for t in file.tensors() {
         // Llama-3's RoPE scaling as a tensor of per-frequency divisors: it went into config.json.
         if t.name == "rope_freqs.weight" {
@@ -1066,36 +1073,57 @@ pub fn import_gguf(
                 format!("{}: no HF Llama name for this GGUF tensor", file.path().display()),
             ));
         };
-        plan.push((t, m));
+        // Checked here, before anything is written, rather than halfway through the tensors.
+        if !t.ty.can_dequantize() {
+            return Err(cannot_dequantize(t.ty, &t.name));
+        }
+        let (name, heads) = match m {
+            Mapped::Plain(n) => (n, None),
+            Mapped::Permuted(n, heads) => (n, Some(heads)),
+        };
+        if let Some((prev, _)) = plan.insert(name.clone(), (t, heads)) {
+            return Err(Error::tensor(
+                &t.name,
+                format!("{}: maps to `{name}`, as `{}` does too", file.path().display(), prev.name),
+            ));
+        }
     }
     let total = plan.len();
-    let mut tensors = Vec::with_capacity(total);
-    let mut source_types = BTreeMap::new();
-    let mut parameters = 0u64;
-    for (i, (t, m)) in plan.into_iter().enumerate() {
-        *source_types.entry(t.ty.name().to_string()).or_insert(0usize) += 1;
-        let shape = t.shape();
-        let mut values = file.dequantize(t)?;
-        let name = match m {
-            Mapped::Plain(n) => n,
-            Mapped::Permuted(n, heads) => {
-                let rows = shape.first().copied().unwrap_or(1);
-                let cols = shape.get(1).copied().unwrap_or(1);
-                values = unpermute_qk(&values, rows, cols, heads, &t.name)?;
-                n
-            }
-        };
-        parameters += t.n_elements;
-        tensors.push(RawTensor { name, dtype, shape, data: Cow::Owned(to_dtype_bytes(&values, dtype)) });
-        progress(i + 1, total);
-    }
-
+    // Converted one tensor at a time and streamed to the file, so that the peak memory is one
+    // tensor's f32 values and output bytes rather than the whole converted model (16 GB for an 8B
+    // model in BF16). The header, written first, needs every name and shape up front.
+    let specs = plan.iter().map(|(name, (t, _))| (name.clone(), dtype, t.shape())).collect();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let st_path = out_dir.join("model.safetensors");
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    crate::safetensors::write_safetensors(&st_path, &tensors, Some(meta))?;
-    let mut output_bytes = std::fs::metadata(&st_path).map_err(|e| Error::io(&st_path, e))?.len();
+    // An error below drops the writer, which deletes its temporary file: an existing
+    // model.safetensors is left as it was, and no partial one appears.
+    let mut writer = crate::safetensors::SafetensorsStreamWriter::create(&st_path, specs, Some(meta))?;
+    // The writer takes the tensors in its header order (by name), not the GGUF's.
+    let order: Vec<String> = writer.names().map(str::to_owned).collect();
+    let mut source_types = BTreeMap::new();
+    let mut parameters = 0u64;
+    for (i, name) in order.iter().enumerate() {
+        let Some(&(t, heads)) = plan.get(name) else {
+            return Err(Error::tensor(name, "in the safetensors header but not in the import plan"));
+        };
+        *source_types.entry(t.ty.name().to_string()).or_insert(0usize) += 1;
+        let shape = t.shape();
+        let mut values = file.dequantize(t)?;
+        if let Some(heads) = heads {
+            let rows = shape.first().copied().unwrap_or(1);
+            let cols = shape.get(1).copied().unwrap_or(1);
+            values = unpermute_qk(&values, rows, cols, heads, &t.name)?;
+        }
+        parameters += t.n_elements;
+        let bytes = to_dtype_bytes(&values, dtype);
+        // The f32 copy is not needed while the bytes are written.
+        drop(values);
+        writer.write_tensor(name, &bytes)?;
+        progress(i + 1, total);
+    }
+    let mut output_bytes = writer.finish()?;
     // config.json last: a directory with it is a finished import.
     for (name, v) in [
         ("tokenizer.json", &tokenizer),
@@ -2281,6 +2309,31 @@ mod tests {
         let e = import_gguf(&src, &dir.join("o"), &ImportOptions { dtype: DType::NF4 }, &mut |_, _| {}).unwrap_err();
         assert!(e.to_string().contains("NF4"));
         assert!(!dir.join("o").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn failed_import_leaves_the_old_checkpoint() {
+        let dir = temp_dir("midway");
+        let (src, out) = (dir.join("x.gguf"), dir.join("out"));
+        std::fs::create_dir_all(&out).unwrap();
+        let st = out.join("model.safetensors");
+        std::fs::write(&st, b"old").unwrap();
+        // K with 3 rows cannot be un-permuted over its head: the import fails on that tensor, after
+        // several others (embed_tokens, the norms, the MLP) have been streamed to the file.
+        let (mut b, _, _) = tiny_llama();
+        assert_eq!(b.tensors[3].0, "blk.0.attn_k.weight");
+        b.tensors[3].1 = vec![32, 3];
+        b.tensors[3].3 = (0..96).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        std::fs::write(&src, b.build()).unwrap();
+        let mut done = 0;
+        let e = import_gguf(&src, &out, &ImportOptions::default(), &mut |d, _| done = d).unwrap_err().to_string();
+        assert!(e.contains("blk.0.attn_k.weight") && e.contains("RoPE row permutation"), "{e}");
+        assert!(done >= 3, "{done} tensors written before the failure");
+        assert_eq!(std::fs::read(&st).unwrap(), b"old");
+        let left: Vec<String> =
+            std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(left, ["model.safetensors"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -60,6 +60,225 @@ pub fn write_safetensors(
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// The safetensors crate's limit on the JSON header; a larger one would be unreadable.
+const MAX_HEADER_BYTES: usize = 100_000_000;
+
+/// Writes one safetensors file a tensor at a time, so that a large checkpoint never has to be in
+/// memory all at once (an import holds one converted tensor, not the whole model).
+///
+/// Every tensor's name, dtype and shape is given up front: the JSON header, which holds every
+/// tensor's data offsets, comes first in the file. The header is the one [`write_safetensors`]
+/// (that is, the safetensors crate) writes for the same tensors, so the file is byte for byte the
+/// same: tensors sorted by descending dtype alignment, then by name, header padded with spaces to
+/// a multiple of 8 bytes, `__metadata__` first when given.
+///
+/// The data must then be handed to [`write_tensor`](Self::write_tensor) **in header order**, the
+/// order [`names`](Self::names) lists (each tensor's bytes follow the previous one's in the file,
+/// so any other order would need seeking or buffering). An out-of-order, duplicate or wrong-size
+/// write is an error, as is [`finish`](Self::finish) before every tensor is written.
+///
+/// The bytes go to a temporary file beside `path` (see [`crate::util::tmp_path`]); only `finish`
+/// syncs it and renames it over `path`. After an error the writer refuses further writes, and a
+/// writer dropped without a successful `finish` deletes its temporary file, so a failed or
+/// abandoned write never leaves a partial file at `path` nor replaces what was there.
+pub struct SafetensorsStreamWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    /// `None` once finished or after a failed `finish`.
+    file: Option<std::io::BufWriter<File>>,
+    /// (name, bytes of data) in header order.
+    order: Vec<(String, usize)>,
+    /// Position of each name in `order`, to tell a duplicate from an out-of-order write.
+    index: HashMap<String, usize>,
+    /// How many tensors of `order` have been written.
+    next: usize,
+    /// Set by any failed write: the file's contents are then unknown.
+    failed: bool,
+    /// Set once the temporary file has been renamed into place.
+    done: bool,
+    /// Bytes of the whole file (length field, header and data).
+    total: u64,
+}
+
+impl std::fmt::Debug for SafetensorsStreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsStreamWriter")
+            .field("path", &self.path)
+            .field("tensors", &self.order.len())
+            .field("written", &self.next)
+            .finish()
+    }
+}
+
+impl SafetensorsStreamWriter {
+    /// Starts writing `path`: checks the tensor list (no duplicate names, sizes that fit), creates
+    /// the temporary file and writes the header. `tensors` is (name, dtype, shape) for every
+    /// tensor the file will hold, in any order.
+    pub fn create(
+        path: &Path,
+        tensors: Vec<(String, DType, Vec<usize>)>,
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<Self> {
+        // The crate's order (`safetensors::tensor::prepare`): descending dtype, then name. Its
+        // writer puts the widest types first so that they stay aligned; following it makes the
+        // file identical to `write_safetensors`'s.
+        let mut specs = tensors;
+        specs.sort_by(|(ln, ld, _), (rn, rd, _)| st_dtype(*rd).cmp(&st_dtype(*ld)).then_with(|| ln.cmp(rn)));
+        let mut infos = Vec::with_capacity(specs.len());
+        let mut order = Vec::with_capacity(specs.len());
+        let mut index = HashMap::with_capacity(specs.len());
+        let mut offset = 0usize;
+        for (name, dtype, shape) in specs {
+            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let bytes = numel.and_then(|n| dtype.storage_bytes(n).ok());
+            let end = bytes.and_then(|b| offset.checked_add(b));
+            let (Some(bytes), Some(end)) = (bytes, end) else {
+                return Err(Error::tensor(&name, format!("{dtype} × {shape:?} is too large to write")));
+            };
+            // The crate's `Metadata` keeps one entry per name and would silently drop the first.
+            if index.insert(name.clone(), order.len()).is_some() {
+                return Err(Error::tensor(&name, format!("listed twice for {}", path.display())));
+            }
+            infos.push((
+                name.clone(),
+                safetensors::tensor::TensorInfo { dtype: st_dtype(dtype), shape, data_offsets: (offset, end) },
+            ));
+            order.push((name, bytes));
+            offset = end;
+        }
+        // The header is serialized by the crate itself, so that it cannot drift from what
+        // `write_safetensors` and every reader expect.
+        let meta = safetensors::tensor::Metadata::new(metadata, infos)
+            .map_err(|e| Error::format(path, format!("cannot build the safetensors header: {e}")))?;
+        let mut header = serde_json::to_string(&meta)
+            .map_err(|e| Error::format(path, format!("cannot serialize the safetensors header: {e}")))?
+            .into_bytes();
+        // The format requires the data to start at a multiple of 8 bytes; spaces are valid JSON.
+        header.resize(header.len().next_multiple_of(8), b' ');
+        if header.len() > MAX_HEADER_BYTES {
+            return Err(Error::format(
+                path,
+                format!("safetensors header of {} bytes is over the limit of {MAX_HEADER_BYTES}", header.len()),
+            ));
+        }
+        let total = (8 + header.len() as u64).saturating_add(offset as u64);
+
+        let tmp = crate::util::tmp_path(path);
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // From here on, dropping `w` (on any error below) removes the temporary file.
+        let mut w = Self {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            order,
+            index,
+            next: 0,
+            failed: false,
+            done: false,
+            total,
+        };
+        w.write_raw(&(header.len() as u64).to_le_bytes())?;
+        w.write_raw(&header)?;
+        Ok(w)
+    }
+
+    /// The tensor names in header order: the order [`write_tensor`](Self::write_tensor) expects.
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.order.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// The name the next [`write_tensor`](Self::write_tensor) must give, or `None` when every
+    /// tensor has been written.
+    pub fn next_name(&self) -> Option<&str> {
+        self.order.get(self.next).map(|(n, _)| n.as_str())
+    }
+
+    /// Writes the data of `name` (little-endian, exactly dtype × shape bytes), which must be the
+    /// next tensor in header order.
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        if self.failed {
+            return Err(Error::tensor(name, format!("{}: an earlier write failed", self.path.display())));
+        }
+        let result = self.check_next(name, data.len()).and_then(|()| self.write_raw(data));
+        // Refuse everything after a failure: a caller that ignored one error must not be able to
+        // finish a file that lacks a tensor.
+        match result {
+            Ok(()) => {
+                self.next += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn check_next(&self, name: &str, len: usize) -> Result<()> {
+        let Some((want, bytes)) = self.order.get(self.next) else {
+            return Err(match self.index.get(name) {
+                Some(_) => Error::tensor(name, "written twice"),
+                None => Error::tensor(name, format!("not in the header of {}", self.path.display())),
+            });
+        };
+        if want != name {
+            return Err(match self.index.get(name) {
+                Some(&i) if i < self.next => Error::tensor(name, "written twice"),
+                Some(_) => Error::tensor(name, format!("written out of order: `{want}` comes first in the header")),
+                None => Error::tensor(name, format!("not in the header of {}", self.path.display())),
+            });
+        }
+        if len != *bytes {
+            return Err(Error::tensor(name, format!("{len} bytes of data, but the header says {bytes}")));
+        }
+        Ok(())
+    }
+
+    fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let Some(f) = self.file.as_mut() else {
+            return Err(Error::format(&self.path, "the writer is already finished"));
+        };
+        f.write_all(bytes).map_err(|e| Error::io(&self.tmp, e))
+    }
+
+    /// Checks that every tensor was written, syncs the temporary file to disk and renames it over
+    /// the destination. Returns the size of the file in bytes.
+    pub fn finish(mut self) -> Result<u64> {
+        if self.failed {
+            return Err(Error::format(&self.path, "not finished: an earlier write failed"));
+        }
+        if let Some((name, _)) = self.order.get(self.next) {
+            let left = self.order.len() - self.next;
+            return Err(Error::tensor(
+                name,
+                format!("never written ({left} of {} tensors missing from {})", self.order.len(), self.path.display()),
+            ));
+        }
+        let Some(w) = self.file.take() else {
+            return Err(Error::format(&self.path, "the writer is already finished"));
+        };
+        let file = w.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        // Synced before the rename: otherwise a crash could leave the new name on a file whose
+        // data never reached the disk.
+        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        self.done = true;
+        Ok(self.total)
+    }
+}
+
+impl Drop for SafetensorsStreamWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            // Close before deleting (required on Windows); errors are moot: the file is garbage.
+            self.file.take();
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reading
 // ---------------------------------------------------------------------------------------------
@@ -1117,6 +1336,172 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Writes `tensors` with the stream writer, in the order it asks for.
+    fn stream_write(path: &Path, tensors: &[RawTensor<'_>], meta: Option<HashMap<String, String>>) -> Result<u64> {
+        let specs = tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
+        let mut w = SafetensorsStreamWriter::create(path, specs, meta)?;
+        let order: Vec<String> = w.names().map(str::to_owned).collect();
+        for name in &order {
+            assert_eq!(w.next_name(), Some(name.as_str()));
+            let t = tensors.iter().find(|t| &t.name == name).unwrap();
+            w.write_tensor(name, &t.data)?;
+        }
+        assert_eq!(w.next_name(), None);
+        w.finish()
+    }
+
+    #[test]
+    fn stream_writer_matches_write_safetensors() {
+        let dir = TempDir::new("stream");
+        let mut rng = Rng::new(5);
+        let mut vals = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+        let f16_raw = |name: &str, shape: &[usize], v: &[f32]| {
+            raw(name, DType::F16, shape, v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect())
+        };
+        let mixed = vec![
+            bf16_raw("b.weight", &[3, 5], &vals(15)),
+            f32_raw("a.norm", &[7], &vals(7)),
+            raw("codes", DType::U8, &[2, 3], vec![1, 2, 3, 4, 5, 6]),
+            f16_raw("h", &[2, 2], &vals(4)),
+            f32_raw("scalar", &[], &[2.5]),
+            // Zero-size tensors, of several dtypes and between others.
+            f32_raw("empty.f32", &[0], &[]),
+            bf16_raw("empty.bf16", &[4, 0, 3], &[]),
+            raw("empty.u8", DType::U8, &[0], vec![]),
+        ];
+        let many: Vec<RawTensor<'static>> = (0..300)
+            .map(|i| {
+                let shape = [1 + i % 7, (i * 13) % 5];
+                let n = shape[0] * shape[1];
+                if i % 3 == 0 {
+                    f32_raw(&format!("model.layers.{i}.w"), &shape, &vals(n))
+                } else {
+                    bf16_raw(&format!("model.layers.{i}.w"), &shape, &vals(n))
+                }
+            })
+            .collect();
+        let one_key = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let two_keys = HashMap::from([("format".to_string(), "pt".to_string()), ("step".into(), "12".into())]);
+        type Case<'a> = (&'a str, &'a [RawTensor<'a>], Option<HashMap<String, String>>);
+        let cases: [Case<'_>; 6] = [
+            ("mixed", &mixed, None),
+            ("mixed_meta", &mixed, Some(one_key.clone())),
+            ("mixed_meta2", &mixed, Some(two_keys)),
+            ("many", &many, Some(one_key.clone())),
+            ("nothing", &[], None),
+            ("nothing_meta", &[], Some(one_key)),
+        ];
+        for (tag, tensors, meta) in cases {
+            let a = dir.join(&format!("{tag}_a.safetensors"));
+            let b = dir.join(&format!("{tag}_b.safetensors"));
+            // A clone of the same map iterates in the same order, so both headers list the
+            // metadata keys alike.
+            write_safetensors(&a, tensors, meta.clone()).unwrap();
+            let size = stream_write(&b, tensors, meta.clone()).unwrap();
+            let (ab, bb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+            assert_eq!(size, bb.len() as u64, "{tag}");
+            assert!(ab == bb, "{tag}: the two writers differ");
+            assert!(!crate::util::tmp_path(&b).exists(), "{tag}");
+
+            // Both readers see every tensor, with its bytes, and the metadata.
+            let st = safetensors::SafeTensors::deserialize(&bb).unwrap();
+            assert_eq!(st.len(), tensors.len(), "{tag}");
+            let (_, header) = safetensors::SafeTensors::read_metadata(&bb).unwrap();
+            assert_eq!(header.metadata(), &meta, "{tag}");
+            let ck = Checkpoint::open(&b).unwrap();
+            assert_eq!(ck.len(), tensors.len(), "{tag}");
+            for t in tensors {
+                let v = st.tensor(&t.name).unwrap();
+                assert_eq!((v.dtype(), v.shape(), v.data()), (st_dtype(t.dtype), &t.shape[..], &t.data[..]), "{tag}");
+                let r = ck.get(&t.name).unwrap();
+                assert_eq!((r.dtype, r.shape, r.data), (t.dtype, &t.shape[..], &t.data[..]), "{tag}");
+            }
+        }
+    }
+
+    #[test]
+    fn stream_writer_refuses_bad_writes_and_leaves_no_file() {
+        let dir = TempDir::new("stream_bad");
+        let path = dir.join("model.safetensors");
+        let tmp = crate::util::tmp_path(&path);
+        let specs = || {
+            vec![
+                ("b".to_string(), DType::F32, vec![2]),
+                ("a".to_string(), DType::F32, vec![1]),
+                ("c".to_string(), DType::BF16, vec![3]),
+            ]
+        };
+        let (a, b, c) = ([0u8; 4], [0u8; 8], [0u8; 6]);
+        assert_eq!(
+            SafetensorsStreamWriter::create(&path, specs(), None).unwrap().names().collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        // Each case: the writes, then `finish` when they all succeeded; the error expected.
+        type Step<'a> = (&'a str, &'a [u8]);
+        let cases: [(&[Step<'_>], String); 6] = [
+            (&[("b", &b)], "tensor `b`: written out of order: `a` comes first in the header".into()),
+            (&[("a", &b)], "tensor `a`: 8 bytes of data, but the header says 4".into()),
+            (&[("a", &a), ("a", &a)], "tensor `a`: written twice".into()),
+            (&[("a", &a), ("b", &b), ("c", &c), ("c", &c)], "tensor `c`: written twice".into()),
+            (&[("a", &a), ("zz", &a)], format!("tensor `zz`: not in the header of {}", path.display())),
+            (
+                &[("a", &a), ("b", &b)],
+                format!("tensor `c`: never written (1 of 3 tensors missing from {})", path.display()),
+            ),
+        ];
+        for (steps, want) in cases {
+            let mut w = SafetensorsStreamWriter::create(&path, specs(), None).unwrap();
+            assert!(tmp.exists());
+            let mut err = None;
+            for (name, data) in steps {
+                if let Err(e) = w.write_tensor(name, data) {
+                    err = Some(e.to_string());
+                    // Nothing is accepted after a failure, not even the right tensor.
+                    assert!(w.write_tensor("a", &a).is_err());
+                    break;
+                }
+            }
+            let err = match err {
+                Some(e) => {
+                    assert!(w.finish().is_err());
+                    e
+                }
+                None => err_of(w.finish()),
+            };
+            assert_eq!(err, want);
+            assert!(!path.exists(), "{want}");
+            assert!(!tmp.exists(), "{want}");
+        }
+
+        // An abandoned writer leaves nothing, and does not touch an existing file.
+        std::fs::write(&path, b"old").unwrap();
+        let mut w = SafetensorsStreamWriter::create(&path, specs(), None).unwrap();
+        w.write_tensor("a", &a).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert!(!tmp.exists());
+        std::fs::remove_file(&path).unwrap();
+
+        // A name listed twice is refused before anything is written.
+        let mut dup = specs();
+        dup.push(("a".into(), DType::U8, vec![1]));
+        assert_eq!(
+            err_of(SafetensorsStreamWriter::create(&path, dup, None)),
+            format!("tensor `a`: listed twice for {}", path.display())
+        );
+        assert!(!path.exists() && !tmp.exists());
+
+        // A finished writer's file replaces the old one.
+        std::fs::write(&path, b"old").unwrap();
+        let mut w = SafetensorsStreamWriter::create(&path, specs(), None).unwrap();
+        for (n, d) in [("a", &a[..]), ("b", &b), ("c", &c)] {
+            w.write_tensor(n, d).unwrap();
+        }
+        w.finish().unwrap();
+        assert_eq!(Checkpoint::open(&path).unwrap().names(), ["a", "b", "c"]);
+        assert!(!tmp.exists());
     }
 
     #[test]
