@@ -932,33 +932,8 @@ fn write_json_str(out: &mut String, s: &str) {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A temporary directory removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!("gristmill-tokenizer-{}-{n}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-
-        fn write(&self, name: &str, value: &serde_json::Value) -> PathBuf {
-            let p = self.0.join(name);
-            std::fs::write(&p, serde_json::to_string_pretty(value).unwrap()).unwrap();
-            p
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::util::TempDir;
 
     /// GPT-2's byte-to-character map of byte-level BPE.
     fn byte_chars() -> Vec<char> {

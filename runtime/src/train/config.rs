@@ -326,7 +326,11 @@ const fn required(name: &'static str, kind: Kind, doc: &'static str) -> KeySpec 
 const SECTIONS: [&str; 6] = ["model", "data", "lora", "optim", "train", "output"];
 
 const KEYS: &[KeySpec] = &[
-    required("model.path", Kind::Path, "the base model: a directory with config.json and safetensors, or a .gguf file"),
+    required(
+        "model.path",
+        Kind::Path,
+        "the base model: a directory with config.json, safetensors and tokenizer.json (import a GGUF with gristmill import-gguf)",
+    ),
     key("model.base_precision", Kind::Choice(&["nf4", "bf16", "f32"]), "storage of the frozen base weights (nf4)"),
     required("data.paths", Kind::Paths, "training data files, JSON or JSONL"),
     key("data.format", Kind::Str, "record format of the data files (auto)"),
