@@ -29,7 +29,9 @@ pub enum Format {
     Dolly,
     /// GSM8K: `{question, answer}`, the answer ending in `#### N`.
     Gsm8k,
-    /// Conversations: `{messages: [{role, content}]}` with roles `system`, `user`, `assistant`.
+    /// Conversations: `{messages: [{role, content}]}` with roles `system`, `user`, `assistant`, or
+    /// ShareGPT's `{conversations: [{from, value}]}` with `from` = `system`, `human`/`user`,
+    /// `gpt`/`assistant`.
     Chat,
     /// Paraphrase buckets: `{instruction?, input?, output, paraphrases: [{paraphrase, answer,
     /// bucket, ...}]}`, one example per paraphrase of a selected bucket.
@@ -53,12 +55,12 @@ impl Format {
         }
     }
 
-    /// The format whose keys `record` has: `messages` → chat, `paraphrases` → paraphrase,
+    /// The format whose keys `record` has: `messages` or `conversations` → chat, `paraphrases` → paraphrase,
     /// `question` + `answer` → GSM8K, `instruction` + `response` → Dolly, `instruction` + `output`
     /// → Alpaca (checked in that order). `None` when none fits.
     pub fn detect(record: &Map<String, Value>) -> Option<Format> {
         let has = |k: &str| record.contains_key(k);
-        if has("messages") {
+        if has("messages") || has("conversations") {
             Some(Format::Chat)
         } else if has("paraphrases") {
             Some(Format::Paraphrase)
@@ -83,10 +85,10 @@ impl fmt::Display for Format {
 impl FromStr for Format {
     type Err = Error;
 
-    /// Parses a format name (case-insensitive); `messages` is accepted for `chat`.
+    /// Parses a format name (case-insensitive); `messages` and `sharegpt` are accepted for `chat`.
     fn from_str(s: &str) -> Result<Self> {
         let lower = s.trim().to_ascii_lowercase();
-        if lower == "messages" {
+        if lower == "messages" || lower == "sharegpt" {
             return Ok(Format::Chat);
         }
         Format::ALL.into_iter().find(|f| f.name() == lower).ok_or_else(|| {
@@ -473,21 +475,34 @@ fn gsm8k(obj: &Map<String, Value>) -> std::result::Result<Example, String> {
 }
 
 fn chat(obj: &Map<String, Value>) -> std::result::Result<Example, String> {
-    let list = match obj.get("messages") {
-        None | Some(Value::Null) => return Err("missing field `messages`".into()),
+    // ShareGPT names the list `conversations` and its fields `from`/`value`.
+    let (field, role_key, content_key) =
+        if obj.get("messages").is_none_or(Value::is_null) && obj.contains_key("conversations") {
+            ("conversations", "from", "value")
+        } else {
+            ("messages", "role", "content")
+        };
+    let list = match obj.get(field) {
+        None | Some(Value::Null) => return Err(format!("missing field `{field}`")),
         Some(Value::Array(list)) => list,
-        Some(other) => return Err(format!("`messages` is not a list (found {})", kind(other))),
+        Some(other) => return Err(format!("`{field}` is not a list (found {})", kind(other))),
     };
     let mut msgs = Vec::with_capacity(list.len());
     for m in list {
         let Some(m) = m.as_object() else {
             return Err(format!("a message is not an object (found {})", kind(m)));
         };
-        let role = req(m, "role").map_err(|r| format!("a message has {r}"))?;
-        let content = req(m, "content").map_err(|r| format!("a message has {r}"))?;
-        if !matches!(role, "system" | "user" | "assistant") {
-            return Err(format!("unknown role `{role}` (expected system, user or assistant)"));
-        }
+        let role = req(m, role_key).map_err(|r| format!("a message has {r}"))?;
+        let content = req(m, content_key).map_err(|r| format!("a message has {r}"))?;
+        let role = match role {
+            "system" => "system",
+            "user" | "human" => "user",
+            "assistant" | "gpt" => "assistant",
+            _ if field == "conversations" => {
+                return Err(format!("unknown role `{role}` (expected system, human or gpt)"));
+            }
+            _ => return Err(format!("unknown role `{role}` (expected system, user or assistant)")),
+        };
         msgs.push(ChatMessage::new(role, content));
     }
     if !msgs.iter().any(|m| m.role == "assistant") {

@@ -89,11 +89,32 @@ fn dolly_gsm8k_chat_formats() {
     );
     assert_eq!(ex[1].response(), Some("A2"));
 
+    // ShareGPT's layout is read as chat: conversations of {from, value}.
+    let sharegpt = dir.file(
+        "s.jsonl",
+        r#"{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+{"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]}"#,
+    );
+    let (ex, report) = load_examples(&sharegpt, Format::Auto).unwrap();
+    assert_eq!(report.format, Format::Chat);
+    assert_eq!(
+        ex[0].kind,
+        ExampleKind::Chat(vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new("assistant", "Hello!")
+        ])
+    );
+    assert_eq!(ex.len(), 1, "the record with an unknown role is skipped");
+    let why: Vec<&String> = report.skipped.keys().collect();
+    assert!(why[0].contains("unknown role `bot`"), "{why:?}");
+
     // Named formats, and names that are not formats.
     assert_eq!("GSM8K".parse::<Format>().unwrap(), Format::Gsm8k);
     assert_eq!("messages".parse::<Format>().unwrap(), Format::Chat);
-    let err = "sharegpt".parse::<Format>().unwrap_err().to_string();
-    assert!(err.contains("unknown data format `sharegpt`") && err.contains("paraphrase"), "{err}");
+    assert_eq!("ShareGPT".parse::<Format>().unwrap(), Format::Chat);
+    let err = "parquet".parse::<Format>().unwrap_err().to_string();
+    assert!(err.contains("unknown data format `parquet`") && err.contains("paraphrase"), "{err}");
     // A named format that does not fit the records skips them all: an error.
     let err = load_examples(&gsm, Format::Alpaca).unwrap_err().to_string();
     assert!(err.contains("g.jsonl") && err.contains("missing field `instruction`") && err.contains("line 1"), "{err}");
