@@ -151,3 +151,35 @@ fn example_recipes_parse_and_validate() {
     }
     assert!(n >= 4, "examples/ holds the recipes");
 }
+
+#[test]
+fn packing_trains_and_a_diverging_run_stops_with_its_last_checkpoint_named() {
+    let dir = tmp("packing");
+    let data = write_data(&dir);
+    // Packing: several examples per row, attention kept inside each.
+    let packed = train(&config(&data, &dir.join("packed"), "").with_packing(), Hooks::default()).unwrap();
+    assert_eq!(packed.steps, 12);
+    assert!(packed.last_loss.is_finite());
+
+    // A learning rate that blows the adapter up: the run stops on the first non-finite loss and
+    // says which checkpoint is the last good one.
+    let mut cfg = config(&data, &dir.join("diverge"), "");
+    cfg.optim.lr = 1e30;
+    cfg.optim.warmup_steps = 0;
+    cfg.optim.max_grad_norm = 0.0;
+    cfg.train.save_every = 1;
+    let err = train(&cfg, Hooks::default()).unwrap_err().to_string();
+    assert!(err.contains("the loss became") && err.contains("checkpoint-"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+trait WithPacking {
+    fn with_packing(self) -> Self;
+}
+
+impl WithPacking for TrainConfig {
+    fn with_packing(mut self) -> Self {
+        self.data.packing = true;
+        self
+    }
+}
