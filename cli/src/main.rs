@@ -49,6 +49,24 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Merge a LoRA adapter into the full-precision base (W + s·B·A in the checkpoint's own dtype)
+    /// and write an HF checkpoint: sharded safetensors, config, tokenizer.
+    Merge {
+        /// The base model directory: its original bf16/f16/f32 checkpoint, not a 4-bit copy.
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT adapter directory (e.g. a training run directory).
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Merge into a bitsandbytes 4-bit base anyway, dequantizing it first (lossy).
+        #[arg(long)]
+        allow_4bit: bool,
+        /// Largest shard, in GB.
+        #[arg(long, default_value_t = 5.0)]
+        max_shard_gb: f64,
+    },
     /// Write a synthetic dataset (GSM8K-style JSON Lines: question, worked answer ending in
     /// "#### N"): templated arithmetic word problems with exact answers.
     Synth {
@@ -226,6 +244,22 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate_cmd(args),
         Command::Train(args) => train_cmd(*args),
         Command::Synth { n, seed, out } => synth_cmd(n, seed, &out),
+        Command::Merge { base, adapter, out, allow_4bit, max_shard_gb } => {
+            let opts = gristmill::merge::MergeOptions { allow_4bit, max_shard_bytes: (max_shard_gb * 1e9) as u64 };
+            let r = gristmill::merge::merge_adapter(&base, &adapter, &out, &opts)?;
+            if r.dequantized_4bit {
+                eprintln!("note: the base was bitsandbytes 4-bit; it was dequantized before merging (lossy)");
+            }
+            println!(
+                "merged {} modules into {} tensors, {:.1} MiB in {} shard(s) → {}",
+                r.merged_modules,
+                r.tensors,
+                r.bytes as f64 / (1 << 20) as f64,
+                r.shards,
+                r.out.display()
+            );
+            Ok(())
+        }
         Command::Eval { model, adapter, data, template, max_examples, max_new_tokens, show, json } => {
             eval_cmd(&model, adapter.as_deref(), &data, &template, max_examples, max_new_tokens, show, json.as_deref())
         }

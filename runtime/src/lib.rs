@@ -20,6 +20,7 @@ pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod inspect;
+pub mod merge;
 pub mod model;
 pub mod safetensors;
 pub mod selfcheck;
