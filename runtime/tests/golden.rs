@@ -178,3 +178,26 @@ fn an_adapter_we_trained_gives_peft_s_logits() {
         assert!(d <= 2e-4, "sequence {s}: max |Δlogit| {d} against PEFT");
     }
 }
+
+#[test]
+fn a_model_we_merged_gives_transformers_logits() {
+    // `gristmill merge` of tests/fixtures/tiny_llama + peft_adapter, loaded by transformers
+    // (tests/golden/check_merged.py): the same merged weights give the same logits here.
+    let adapter = fixtures().join("peft_adapter");
+    let out = std::env::temp_dir().join(format!("gristmill-golden-merged-{}", std::process::id()));
+    gristmill::merge::merge_adapter(&fixtures().join("tiny_llama"), &adapter, &out, &Default::default()).unwrap();
+    let model = LlamaModel::load(&out, BasePrecision::F32).unwrap();
+    let ck = Checkpoint::open(adapter.join("merged_logits.safetensors")).unwrap();
+    let ids = ck.to_f32("input_ids").unwrap();
+    let shape = ck.get("input_ids").unwrap().shape.to_vec();
+    let (b, t) = (shape[0], shape[1]);
+    let want = ck.to_f32("logits").unwrap();
+    let v = want.len() / (b * t);
+    for s in 0..b {
+        let seq: Vec<u32> = ids[s * t..(s + 1) * t].iter().map(|&x| x as u32).collect();
+        let ours = model.forward(&seq, &mut model.new_cache(), true).unwrap();
+        let d = max_diff(&ours, &want[s * t * v..(s + 1) * t * v]);
+        assert!(d <= 2e-4, "sequence {s}: max |Δlogit| {d} against transformers on the merged model");
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
