@@ -49,6 +49,26 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Chat with a model (and optional adapter) in the terminal, with history and the model's chat
+    /// template. Commands: /reset clears the history, /exit (or end of input) quits.
+    Chat {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A system message.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 512)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Merge a LoRA adapter into the full-precision base (W + s·B·A in the checkpoint's own dtype)
     /// and write an HF checkpoint: sharded safetensors, config, tokenizer.
     Merge {
@@ -244,6 +264,10 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate_cmd(args),
         Command::Train(args) => train_cmd(*args),
         Command::Synth { n, seed, out } => synth_cmd(n, seed, &out),
+        Command::Chat { model, adapter, system, max_new_tokens, temperature, top_p, seed } => {
+            let sampling = SamplingConfig { temperature, top_p, seed, max_new_tokens, ..Default::default() };
+            chat_cmd(&model, adapter.as_deref(), system, &sampling)
+        }
         Command::Merge { base, adapter, out, allow_4bit, max_shard_gb } => {
             let opts = gristmill::merge::MergeOptions { allow_4bit, max_shard_bytes: (max_shard_gb * 1e9) as u64 };
             let r = gristmill::merge::merge_adapter(&base, &adapter, &out, &opts)?;
@@ -462,6 +486,58 @@ fn eval_cmd(
         let doc = serde_json::json!({"exact_match": r.accuracy(), "correct": r.correct, "n": r.n(), "items": items});
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn chat_cmd(model_dir: &Path, adapter: Option<&Path>, system: Option<String>, sampling: &SamplingConfig) -> Result<()> {
+    use std::io::BufRead;
+    sampling.validate()?;
+    let mut model = LlamaModel::load(model_dir, BasePrecision::AsStored)?;
+    if let Some(dir) = adapter {
+        gristmill::adapter::load_peft_adapter(&mut model, dir)?;
+    }
+    let tok = Tokenizer::from_dir(model_dir)?;
+    if tok.chat_template().is_none() {
+        bail!("{} has no chat template; use `gristmill generate` with a plain prompt", model_dir.display());
+    }
+    let fresh = || -> Vec<ChatMessage> { system.iter().map(|s| ChatMessage::new("system", s.clone())).collect() };
+    let mut history = fresh();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    let mut turn = 0u64;
+    eprintln!("chatting with {} (/reset clears the history, /exit quits)", model_dir.display());
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history = fresh();
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let prompt = tok.apply_chat_template(&history, true)?;
+        let ids = tok.encode(&prompt, false)?;
+        if ids.len() >= model.cfg.max_position_embeddings {
+            bail!("the conversation is longer than the model's context ({} tokens): /reset it", ids.len());
+        }
+        // A new seed each turn, derived from the user's, so that a conversation is reproducible.
+        let cfg = SamplingConfig { seed: sampling.seed.wrapping_add(turn), ..sampling.clone() };
+        turn += 1;
+        let g = generate(&model, &tok, &ids, &cfg, &mut |piece| {
+            out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
+        })?;
+        writeln!(out)?;
+        history.push(ChatMessage::new("assistant", g.text.trim().to_string()));
     }
     Ok(())
 }
