@@ -24,6 +24,7 @@ pub mod merge;
 pub mod model;
 pub mod safetensors;
 pub mod selfcheck;
+pub mod textmetrics;
 pub mod tokenizer;
 pub mod train;
 pub mod util;
