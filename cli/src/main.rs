@@ -468,6 +468,8 @@ fn eval_cmd(
         Some(a) => format!("{} + adapter {}", model_dir.display(), a.display()),
         None => model_dir.display().to_string(),
     };
+    let (_, lo, hi) = r.accuracy_ci();
+    let (f1, rouge, bleu) = r.overlap()?;
     println!(
         "exact match: {}/{} = {:.1}% ({who}; template {}; {:.1}s, {:.1} tok/s)",
         r.correct,
@@ -477,13 +479,24 @@ fn eval_cmd(
         r.seconds,
         r.new_tokens as f64 / r.seconds.max(1e-9)
     );
+    println!(
+        "  95% CI {:.1}–{:.1}%; against the reference responses: token F1 {:.3}, ROUGE-L {:.3}, BLEU {:.1}",
+        100.0 * lo,
+        100.0 * hi,
+        f1,
+        rouge,
+        bleu
+    );
     if let Some(path) = json {
         let items: Vec<serde_json::Value> = r
             .items
             .iter()
             .map(|i| serde_json::json!({"prompt": i.prompt, "gold": i.gold, "output": i.output, "predicted": i.predicted, "correct": i.correct}))
             .collect();
-        let doc = serde_json::json!({"exact_match": r.accuracy(), "correct": r.correct, "n": r.n(), "items": items});
+        let doc = serde_json::json!({
+            "exact_match": r.accuracy(), "exact_match_ci95": [lo, hi], "correct": r.correct, "n": r.n(),
+            "token_f1": f1, "rouge_l": rouge, "bleu": bleu, "items": items,
+        });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

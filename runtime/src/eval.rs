@@ -13,6 +13,8 @@ use crate::tokenizer::Tokenizer;
 pub struct ScoredItem {
     pub prompt: String,
     pub gold: String,
+    /// The full reference response (for text-overlap metrics).
+    pub reference: String,
     /// What the model wrote.
     pub output: String,
     /// The answer extracted from it, if any.
@@ -33,6 +35,22 @@ pub struct ExactMatch {
 impl ExactMatch {
     pub fn n(&self) -> usize {
         self.items.len()
+    }
+
+    /// Mean token F1, ROUGE-L and corpus BLEU of the outputs against the reference responses.
+    pub fn overlap(&self) -> Result<(f64, f64, f64)> {
+        let n = self.items.len().max(1) as f64;
+        let f1 = self.items.iter().map(|i| crate::textmetrics::token_f1(&i.output, &i.reference)).sum::<f64>() / n;
+        let rl = self.items.iter().map(|i| crate::textmetrics::rouge_l(&i.output, &i.reference)).sum::<f64>() / n;
+        let preds: Vec<&str> = self.items.iter().map(|i| i.output.as_str()).collect();
+        let refs: Vec<&str> = self.items.iter().map(|i| i.reference.as_str()).collect();
+        Ok((f1, rl, crate::textmetrics::bleu(&preds, &refs)?))
+    }
+
+    /// The exact-match accuracy with a 95% percentile-bootstrap interval (1000 resamples).
+    pub fn accuracy_ci(&self) -> (f64, f64, f64) {
+        let scores: Vec<f64> = self.items.iter().map(|i| f64::from(u8::from(i.correct))).collect();
+        crate::textmetrics::bootstrap_ci(&scores, 1000, 0, 0.95)
     }
 
     /// Fraction correct (0 when empty).
@@ -73,7 +91,8 @@ pub fn exact_match_eval(
         let predicted = extract_answer(&g.text);
         let correct = predicted.as_deref().is_some_and(|p| exact_match(p, &gold));
         out.correct += usize::from(correct);
-        out.items.push(ScoredItem { prompt, gold, output: g.text, predicted, correct });
+        let reference = ex.response().unwrap_or_default().to_string();
+        out.items.push(ScoredItem { prompt, gold, reference, output: g.text, predicted, correct });
         progress(i + 1, examples.len());
     }
     out.seconds = t0.elapsed().as_secs_f64();
