@@ -63,7 +63,12 @@ fn nf4_quantization_is_bit_identical_to_bitsandbytes() {
 
 /// (input ids per sequence, logits (B, T, V)) of a golden file.
 fn golden(dir: &str) -> (Vec<Vec<u32>>, Vec<f32>, usize) {
-    let ck = Checkpoint::open(fixtures().join(dir).join("golden.safetensors")).unwrap();
+    golden_file(&fixtures().join(dir).join("golden.safetensors"))
+}
+
+/// (input ids per sequence, logits (B, T, V), V) of a logits fixture file.
+fn golden_file(path: &std::path::Path) -> (Vec<Vec<u32>>, Vec<f32>, usize) {
+    let ck = Checkpoint::open(path).unwrap();
     let ids = ck.to_f32("input_ids").unwrap();
     let shape = ck.get("input_ids").unwrap().shape.to_vec();
     let (b, t) = (shape[0], shape[1]);
@@ -165,17 +170,17 @@ fn an_adapter_we_trained_gives_peft_s_logits() {
     let dir = fixtures().join("peft_adapter");
     let mut model = LlamaModel::load(&fixtures().join("tiny_llama"), BasePrecision::F32).unwrap();
     assert_eq!(gristmill::adapter::load_peft_adapter(&mut model, &dir).unwrap(), 14);
-    let ck = Checkpoint::open(dir.join("peft_adapter_logits.safetensors")).unwrap();
-    let ids = ck.to_f32("input_ids").unwrap();
-    let shape = ck.get("input_ids").unwrap().shape.to_vec();
-    let (b, t) = (shape[0], shape[1]);
-    let want = ck.to_f32("logits").unwrap();
-    let v = want.len() / (b * t);
-    for s in 0..b {
-        let seq: Vec<u32> = ids[s * t..(s + 1) * t].iter().map(|&x| x as u32).collect();
-        let ours = model.forward(&seq, &mut model.new_cache(), true).unwrap();
+    check_logits(&model, &dir.join("peft_adapter_logits.safetensors"), "PEFT");
+}
+
+/// Our full-sequence logits on a fixture's inputs are within 2e-4 of its logits.
+fn check_logits(model: &LlamaModel, path: &std::path::Path, reference: &str) {
+    let (seqs, want, v) = golden_file(path);
+    for (s, seq) in seqs.iter().enumerate() {
+        let t = seq.len();
+        let ours = model.forward(seq, &mut model.new_cache(), true).unwrap();
         let d = max_diff(&ours, &want[s * t * v..(s + 1) * t * v]);
-        assert!(d <= 2e-4, "sequence {s}: max |Δlogit| {d} against PEFT");
+        assert!(d <= 2e-4, "sequence {s}: max |Δlogit| {d} against {reference}");
     }
 }
 
@@ -187,17 +192,6 @@ fn a_model_we_merged_gives_transformers_logits() {
     let out = std::env::temp_dir().join(format!("gristmill-golden-merged-{}", std::process::id()));
     gristmill::merge::merge_adapter(&fixtures().join("tiny_llama"), &adapter, &out, &Default::default()).unwrap();
     let model = LlamaModel::load(&out, BasePrecision::F32).unwrap();
-    let ck = Checkpoint::open(adapter.join("merged_logits.safetensors")).unwrap();
-    let ids = ck.to_f32("input_ids").unwrap();
-    let shape = ck.get("input_ids").unwrap().shape.to_vec();
-    let (b, t) = (shape[0], shape[1]);
-    let want = ck.to_f32("logits").unwrap();
-    let v = want.len() / (b * t);
-    for s in 0..b {
-        let seq: Vec<u32> = ids[s * t..(s + 1) * t].iter().map(|&x| x as u32).collect();
-        let ours = model.forward(&seq, &mut model.new_cache(), true).unwrap();
-        let d = max_diff(&ours, &want[s * t * v..(s + 1) * t * v]);
-        assert!(d <= 2e-4, "sequence {s}: max |Δlogit| {d} against transformers on the merged model");
-    }
+    check_logits(&model, &adapter.join("merged_logits.safetensors"), "transformers on the merged model");
     std::fs::remove_dir_all(&out).ok();
 }
