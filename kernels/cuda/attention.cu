@@ -1,0 +1,2 @@
+// attention: kernels land here.
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// elementwise: kernels land here.
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// gemm: kernels land here.
+#include "common.cuh"

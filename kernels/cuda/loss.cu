@@ -1,0 +1,2 @@
+// loss: kernels land here.
+#include "common.cuh"

@@ -1,0 +1,2 @@
+// optim: kernels land here.
+#include "common.cuh"

@@ -1,0 +1,1 @@
+//! Launchers of kernels/cuda/optim.cu.
