@@ -81,32 +81,56 @@ __device__ __forceinline__ int64_t l_off(int r, int b, int g, int tq, int H, int
     return (int64_t(b) * H + h) * tq + i;
 }
 
-// Copies query rows [r0, r0 + n) of (b, g) into a shared tile (row stride ld), times `mul`;
-// rows at or past nrows become zeros.
-template <typename T>
-__device__ void load_q_tile(float* dst, int ld, const T* src, int r0, int n, int nrows, int b, int g, int tq, int H,
-                            int group, int D, float mul) {
-    const int half = D >> 1;
-    for (int p = threadIdx.x; p < n * half; p += blockDim.x) {
-        const int rr = p / half, c = 2 * (p - rr * half), r = r0 + rr;
-        float2 x = make_float2(0.f, 0.f);
-        if (r < nrows) x = load2(src + q_off(r, b, g, tq, H, group, D) + c);
-        store2(dst + rr * ld + c, x.x * mul, x.y * mul);
+// Copies n rows of D elements into a shared tile (row stride ld) as f32 times `mul`; `row(rr)`
+// gives the global start of tile row rr, or null for a row past the end (stored as zeros, so
+// masked products stay finite). One warp a row, lanes on column pairs, ROWS_IN_FLIGHT rows a
+// warp loaded before any is stored: the loads overlap instead of waiting one after another.
+constexpr int ROWS_IN_FLIGHT = 4;
+template <typename T, typename RowFn>
+__device__ __forceinline__ void load_tile(float* dst, int ld, int n, int D, float mul, RowFn row) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int rr0 = warp; rr0 < n; rr0 += ROWS_IN_FLIGHT * WARPS) {
+        float2 x[ROWS_IN_FLIGHT][NP];
+#pragma unroll
+        for (int u = 0; u < ROWS_IN_FLIGHT; ++u) {
+            const int rr = rr0 + u * WARPS;
+            const T* src = rr < n ? row(rr) : nullptr;
+#pragma unroll
+            for (int e = 0; e < NP; ++e) {
+                const int c = 2 * (lane + 32 * e);
+                x[u][e] = (src != nullptr && c < D) ? load2(src + c) : make_float2(0.f, 0.f);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ROWS_IN_FLIGHT; ++u) {
+            const int rr = rr0 + u * WARPS;
+#pragma unroll
+            for (int e = 0; e < NP; ++e) {
+                const int c = 2 * (lane + 32 * e);
+                if (rr < n && c < D) store2(dst + rr * ld + c, x[u][e].x * mul, x[u][e].y * mul);
+            }
+        }
     }
 }
 
-// Copies key rows [j0, j0 + n) of (b, g) into a shared tile, times `mul`; rows at or past tk
-// become zeros (so masked products stay finite).
+// Query rows [r0, r0 + n) of (b, g) into a shared tile; rows at or past nrows become zeros.
 template <typename T>
-__device__ void load_kv_tile(float* dst, int ld, const T* src, int j0, int n, int tk, int b, int g, int Hkv, int D,
-                             float mul) {
-    const int half = D >> 1;
-    for (int p = threadIdx.x; p < n * half; p += blockDim.x) {
-        const int jj = p / half, c = 2 * (p - jj * half), j = j0 + jj;
-        float2 x = make_float2(0.f, 0.f);
-        if (j < tk) x = load2(src + ((int64_t(b) * tk + j) * Hkv + g) * D + c);
-        store2(dst + jj * ld + c, x.x * mul, x.y * mul);
-    }
+__device__ __forceinline__ void load_q_tile(float* dst, int ld, const T* src, int r0, int n, int nrows, int b, int g,
+                                            int tq, int H, int group, int D, float mul) {
+    load_tile<T>(dst, ld, n, D, mul, [&](int rr) -> const T* {
+        const int r = r0 + rr;
+        return r < nrows ? src + q_off(r, b, g, tq, H, group, D) : nullptr;
+    });
+}
+
+// Key rows [j0, j0 + n) of (b, g) into a shared tile; rows at or past tk become zeros.
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(float* dst, int ld, const T* src, int j0, int n, int tk, int b, int g,
+                                             int Hkv, int D, float mul) {
+    load_tile<T>(dst, ld, n, D, mul, [&](int jj) -> const T* {
+        const int j = j0 + jj;
+        return j < tk ? src + ((int64_t(b) * tk + j) * Hkv + g) * D : nullptr;
+    });
 }
 
 template <typename T>

@@ -97,10 +97,10 @@ fn smem_bwd(d: usize) -> usize {
 }
 
 /// How many key ranges the forward splits each block's work into: 1 when `blocks` already give
-/// every one of `sms` multiprocessors two blocks, else enough to do so, keeping at least two
-/// tiles of `key_tiles` per split.
+/// every one of `sms` multiprocessors four blocks (about what fits at once), else enough to do
+/// so, keeping at least two tiles of `key_tiles` per split.
 fn fwd_splits(blocks: usize, key_tiles: usize, sms: usize) -> usize {
-    let target = 2 * sms.max(1);
+    let target = 4 * sms.max(1);
     if blocks >= target {
         return 1;
     }
@@ -308,10 +308,11 @@ pub fn attention_bwd<T: Float>(
     Ok(())
 }
 
-/// Self-test tolerances (max error over max |reference|), one per pass and dtype.
+/// Self-test tolerances (max error over max |reference|), one per pass and dtype; the parity
+/// tests measure about 1e-6 for f32.
 const TOL_FWD_F32: f64 = 2e-5;
-const TOL_BWD_F32: f64 = 1e-4;
-/// bf16: o and the gradients are rounded to 8 bits of mantissa on the way out.
+const TOL_BWD_F32: f64 = 2e-5;
+/// bf16: o and the gradients are rounded to bf16 on the way out (up to 2⁻⁸ of a value).
 const TOL_FWD_BF16: f64 = 1e-2;
 const TOL_BWD_BF16: f64 = 1e-2;
 
@@ -524,12 +525,13 @@ mod tests {
     fn splits_only_when_blocks_are_few() {
         // Training: plenty of blocks.
         assert_eq!(fwd_splits(1024, 64, 132), 1);
-        // Decode at B = 1, Hkv = 8 against 4096 keys (128 tiles): fill 2 × 132 SMs.
-        assert_eq!(fwd_splits(8, 128, 132), 33);
+        // Decode at B = 1, Hkv = 8 against 4096 keys (128 tiles): fill 4 × 66 SMs.
+        assert_eq!(fwd_splits(8, 128, 66), 33);
         // At least two tiles a split, at most MAX_SPLITS.
         assert_eq!(fwd_splits(1, 10, 132), 5);
         assert_eq!(fwd_splits(1, 1000, 132), MAX_SPLITS);
         assert_eq!(fwd_splits(1, 1, 132), 1);
         assert_eq!(fwd_splits(0, 3, 0), 1);
+        assert_eq!(fwd_splits(527, 100, 132), 2);
     }
 }
