@@ -44,6 +44,10 @@ pub enum Error {
     /// An error of the core (shapes, NF4, linear algebra).
     #[error(transparent)]
     Core(#[from] gristmill_core::Error),
+    /// The GPU: driver, kernel launch or a launcher's shape check.
+    #[cfg(feature = "cuda")]
+    #[error("GPU: {0}")]
+    Gpu(#[from] gristmill_kernels::KernelError),
 }
 
 impl Error {

@@ -7,14 +7,18 @@
 //! - [`gguf`]: reading GGUF files and importing them as HF-layout checkpoints;
 //! - [`cpu`]: fast CPU kernels (GEMM, GEMV) checked against the core's references;
 //! - [`model`]: the Llama-family model with a KV cache; [`generate`]: sampling and generation;
-//! - [`selfcheck`]: the reference path end to end on an embedded default.
+//! - [`selfcheck`]: the reference path end to end on an embedded default;
+//! - [`doctor`]: the GPU, its PTX modules and every kernel against its reference; kernel benchmarks.
 
 pub use gristmill_core as core;
 
 pub mod adapter;
+pub mod backend;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod device;
+pub mod doctor;
 pub mod error;
 pub mod eval;
 pub mod generate;
@@ -34,16 +38,4 @@ pub use error::{Error, Result};
 /// The version of this build, as `gristmill --version` prints it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Where computation runs. Only the CPU exists so far; CUDA comes with its backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-        }
-    }
-}
+pub use device::Device;

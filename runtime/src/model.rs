@@ -10,11 +10,6 @@ use crate::cpu::{matmul_nt, nf4_matmul_nt};
 use crate::error::{Error, Result};
 use crate::safetensors::{Checkpoint, LoadAs, LoadedWeight};
 use gristmill_core::nf4::Nf4Tensor;
-use gristmill_core::ops::attention::{AttnShape, attention_fwd_ref};
-use gristmill_core::ops::embedding::embedding_fwd_ref;
-use gristmill_core::ops::rmsnorm::rmsnorm_fwd_ref;
-use gristmill_core::ops::rope::{rope_fwd_ref, rope_tables};
-use gristmill_core::ops::swiglu::swiglu_fwd_ref;
 use std::path::Path;
 
 /// The weight of a linear layer.
@@ -151,6 +146,32 @@ impl KvCache {
         self.k.iter_mut().chain(self.v.iter_mut()).for_each(Vec::clear);
         self.len = 0;
     }
+
+    /// Appends keys and values (t, Hkv, D) to layer `layer`; [`KvCache::advance`] counts them once
+    /// every layer has.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        match (self.k.get_mut(layer), self.v.get_mut(layer)) {
+            (Some(kc), Some(vc)) => {
+                kc.extend_from_slice(k);
+                vc.extend_from_slice(v);
+                Ok(())
+            }
+            _ => Err(Error::Invalid(format!("KV cache has no layer {layer}"))),
+        }
+    }
+
+    /// Counts t more positions.
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Keys and values of layer `layer`: (len, Hkv, D) each.
+    pub fn layer(&self, layer: usize) -> Result<(&[f32], &[f32])> {
+        match (self.k.get(layer), self.v.get(layer)) {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => Err(Error::Invalid(format!("KV cache has no layer {layer}"))),
+        }
+    }
 }
 
 /// A Llama-family causal language model.
@@ -259,53 +280,6 @@ impl LlamaModel {
     /// Runs `tokens` (one sequence) after the positions already in `cache`, appending to it.
     /// Returns the logits of every new position (T, V) when `all_logits`, else of the last (1, V).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Vec<f32>> {
-        let cfg = &self.cfg;
-        let (t, c, v) = (tokens.len(), cfg.hidden_size, cfg.vocab_size);
-        if t == 0 {
-            return Err(Error::Invalid("forward: no tokens".into()));
-        }
-        let start = cache.len;
-        if start + t > cfg.max_position_embeddings {
-            return Err(Error::Invalid(format!(
-                "sequence of {} tokens is longer than the model's context of {} (max_position_embeddings)",
-                start + t,
-                cfg.max_position_embeddings
-            )));
-        }
-        let (h, hkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let positions: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
-        let tables = rope_tables(&cfg.rope, &positions)?;
-        let scale = 1.0 / (d as f32).sqrt();
-        let eps = cfg.rms_norm_eps;
-
-        let mut x = embedding_fwd_ref(tokens, &self.embed, v, c)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let (xn, _) = rmsnorm_fwd_ref(&x, &layer.attn_norm, t, c, eps)?;
-            let q = rope_fwd_ref(&layer.q.forward(&xn, t)?, &tables, t, h, d)?;
-            let k = rope_fwd_ref(&layer.k.forward(&xn, t)?, &tables, t, hkv, d)?;
-            let vv = layer.v.forward(&xn, t)?;
-            cache.k[li].extend_from_slice(&k);
-            cache.v[li].extend_from_slice(&vv);
-            let tk = start + t;
-            let shape = AttnShape { b: 1, tq: t, tk, h, hkv, d };
-            let (attn, _) = attention_fwd_ref(&q, &cache.k[li], &cache.v[li], &shape, scale, None)?;
-            let o = layer.o.forward(&attn, t)?;
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-
-            let (xn, _) = rmsnorm_fwd_ref(&x, &layer.mlp_norm, t, c, eps)?;
-            let g = layer.gate.forward(&xn, t)?;
-            let u = layer.up.forward(&xn, t)?;
-            let a = swiglu_fwd_ref(&g, &u)?;
-            let dn = layer.down.forward(&a, t)?;
-            x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
-        }
-        cache.len += t;
-
-        let (rows, first) = if all_logits { (t, 0) } else { (1, t - 1) };
-        let (hn, _) = rmsnorm_fwd_ref(&x[first * c..], &self.norm, rows, c, eps)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&hn, rows),
-            None => matmul_nt(&hn, &self.embed, rows, c, v),
-        }
+        crate::backend::decode_step(&crate::backend::CpuBackend::new(self), tokens, cache, all_logits)
     }
 }

@@ -189,6 +189,8 @@ pub struct TrainSection {
     pub early_stopping_patience: Option<usize>,
     /// Log metrics every this many optimizer steps.
     pub log_every: usize,
+    /// Where to train: `auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 /// `[output]`: where the run goes.
@@ -285,6 +287,7 @@ impl Default for TrainSection {
             keep_last: 2,
             early_stopping_patience: None,
             log_every: 1,
+            device: "auto".into(),
         }
     }
 }
@@ -369,6 +372,7 @@ const KEYS: &[KeySpec] = &[
     key("train.keep_last", Kind::Int, "checkpoints kept besides the best, 0 = all (2)"),
     key("train.early_stopping_patience", Kind::Int, "stop after N evaluations without improvement"),
     key("train.log_every", Kind::Int, "log metrics every N steps (1)"),
+    key("train.device", Kind::Str, "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)"),
     required("output.dir", Kind::Path, "the run directory"),
     key("output.resume", Kind::Str, "resume from a checkpoint directory, or `latest`"),
 ];
@@ -799,6 +803,12 @@ impl TrainConfig {
         check(t.batch_size >= 1, format!("`train.batch_size` must be ≥ 1, found {}", t.batch_size));
         check(t.grad_accum >= 1, format!("`train.grad_accum` must be ≥ 1, found {}", t.grad_accum));
         check(t.log_every >= 1, format!("`train.log_every` must be ≥ 1, found {}", t.log_every));
+        let dev = t.device.trim();
+        check(
+            matches!(dev, "auto" | "cpu" | "cuda" | "gpu")
+                || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()),
+            format!("`train.device` must be auto, cpu, cuda or cuda:N, found `{dev}`"),
+        );
         check(
             t.early_stopping_patience != Some(0),
             "`train.early_stopping_patience` must be ≥ 1 (leave it unset to never stop early)".into(),

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -8,18 +8,20 @@
 
 use super::checkpoint::{CheckpointManager, resolve_resume};
 use super::config::{BasePrecision as CfgPrecision, OptimizerKind, TrainConfig};
+use super::engine::Engine;
 use super::metrics::{MetricsWriter, Record, TrainerState};
 use super::optim::{AdamW, lora_params};
 use super::plot::{Series, plot_losses};
 use super::progress::Progress;
 use super::schedule::{lr_at, warmup_steps};
-use super::step::{Dropout, LoraGrads, eval_loss, micro_step};
+use super::step::Dropout;
 use super::tfevents::EventWriter;
 use crate::adapter::{AdapterConfig, LoraSpec, attach_lora_tensors, init_lora, save_peft_adapter};
 use crate::data::{
     Batch, BatchOptions, Batcher, BatcherState, Example, LoadOptions, Template, TokenizeOptions, Tokenized,
     load_examples_with, split, tokenize_all,
 };
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::{BasePrecision, LlamaModel, Weight};
 use crate::safetensors::{Checkpoint, write_safetensors};
@@ -27,7 +29,7 @@ use crate::tokenizer::Tokenizer;
 use crate::util::write_atomic;
 use gristmill_core::DType;
 use gristmill_core::bnb::RawTensor;
-use gristmill_core::ops::adamw::{AdamWConfig, clip_grad_norm_ref};
+use gristmill_core::ops::adamw::AdamWConfig;
 use gristmill_core::rng::mix64;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -166,6 +168,7 @@ pub fn lora_spec(cfg: &TrainConfig) -> LoraSpec {
 
 /// Mean loss over the validation set, in fixed order.
 pub fn evaluate(
+    engine: &Engine,
     model: &LlamaModel,
     val: &[Tokenized],
     batch_size: usize,
@@ -179,7 +182,7 @@ pub fn evaluate(
     let mut batcher = Batcher::new(val.to_vec(), pad, opts)?;
     let (mut sum, mut n) = (0f64, 0usize);
     for _ in 0..batcher.batches_per_epoch() {
-        let s = eval_loss(model, &batcher.next_batch())?;
+        let s = engine.eval_loss(model, &batcher.next_batch())?;
         sum += s.loss_sum;
         n += s.n_targets;
     }
@@ -327,7 +330,6 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         weight_decay: cfg.optim.weight_decay as f32,
     };
     let mut opt = AdamW::new(adam, &model)?;
-    let mut grads = LoraGrads::zeros(&model);
     let base_name = cfg.model.path.display().to_string();
 
     let mut ckpts = CheckpointManager::new(&run_dir, cfg.train.keep_last)?;
@@ -343,6 +345,9 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         }
         None => MetricsWriter::open(&metrics_path)?,
     };
+    let device = Device::parse(&cfg.train.device)?;
+    let mut engine = Engine::new(&device, &model, &opt)?;
+    say(&mut progress, &format!("training on {device}"));
     write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
     let mut events = EventWriter::new(&run_dir)?;
     if let Some(p) = &mut progress {
@@ -360,7 +365,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         let t0 = Instant::now();
         let micro: Vec<Batch> = (0..accum).map(|_| batcher.next_batch()).collect();
         let n_targets: usize = micro.iter().map(|b| b.n_targets).sum();
-        grads.clear();
+        engine.zero_grads()?;
         let mut loss_sum = 0.0;
         if n_targets > 0 {
             let scale = 1.0 / n_targets as f32;
@@ -369,7 +374,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
                     p: dropout,
                     seed: mix64(cfg.train.seed ^ mix64((step * accum + i) as u64 + 1)),
                 });
-                loss_sum += micro_step(&model, mb, scale, drop, &mut grads)?.loss_sum;
+                loss_sum += engine.micro_step(&model, mb, scale, drop)?.loss_sum;
             }
         }
         let loss = loss_sum / n_targets.max(1) as f64;
@@ -381,15 +386,8 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
                 last.unwrap_or_else(|| "none (no checkpoint was written yet)".into())
             )));
         }
-        let mut bufs = grads.buffers_mut();
-        let grad_norm = if cfg.optim.max_grad_norm > 0.0 {
-            clip_grad_norm_ref(&mut bufs, cfg.optim.max_grad_norm as f32)?
-        } else {
-            bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt()
-        };
         let lr = lr_at(cfg.optim.scheduler, step, warmup, total, cfg.optim.lr as f32);
-        let g: Vec<&[f32]> = grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
-        opt.update(&mut model, &g, lr)?;
+        let grad_norm = engine.optimizer_step(&mut model, &mut opt, lr, cfg.optim.max_grad_norm as f32)?;
 
         state.global_step += 1;
         state.batches_seen += accum;
@@ -411,7 +409,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         let mut is_best = false;
         if !data.val.is_empty()
             && (state.global_step.is_multiple_of(eval_every) || at_end)
-            && let Some(ev) = evaluate(&model, &data.val, cfg.train.batch_size, cfg.data.max_seq_len, pad)?
+            && let Some(ev) = evaluate(&engine, &model, &data.val, cfg.train.batch_size, cfg.data.max_seq_len, pad)?
         {
             {
                 rec.eval_loss = Some(ev);
@@ -450,6 +448,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
             || early
             || is_best;
         if save_now {
+            engine.sync_to_host(&mut model, &mut opt)?;
             let bstate = batcher.state();
             ckpts.save(state.global_step, is_best, |dir| {
                 write_checkpoint(dir, &model, &spec, &base_name, &opt, &bstate, &state)
@@ -463,6 +462,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         p.finish();
     }
     // The run's result: the adapter at the run directory's root, and the summary files.
+    engine.sync_to_host(&mut model, &mut opt)?;
     save_peft_adapter(&model, &spec, &base_name, &run_dir)?;
     state.save(&run_dir.join(STATE_FILE))?;
     let train_pts: Vec<(f64, f64)> =
