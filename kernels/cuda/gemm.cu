@@ -17,11 +17,16 @@
 //   Loads: cp.async 16-byte copies, STAGES k-tiles in flight; a chunk crossing the matrix edge
 //   copies only its valid bytes and zero-fills the rest. When a pointer is not 16-byte aligned or
 //   its leading dimension is not a multiple of 8, that operand is loaded element by element
-//   instead (vec_a / vec_b = 0), synchronously, into the same pipeline.
-//   Geometry: grid (ceil(M / BM), ceil(N / BN)), one block a BM × BN tile of C, BK = 32.
+//   instead (vec_a / vec_b = 0), synchronously, into the same pipeline. Fragments are double
+//   buffered in registers: step kk + 1 (or the next tile's first step) loads while step kk
+//   multiplies.
+//   Geometry: grid (ceil(M / BM), ceil(N / BN), splits), one block a BM × BN tile of C, BK = 32.
 //     large: BM 128, BN 256, 8 warps as 2 × 4 of 64 × 64, 4 stages, 96 KiB dynamic shared memory.
 //     small: BM 64, BN 64, 4 warps as 2 × 2 of 32 × 32, 4 stages, 32 KiB: for products whose
-//            large tiles would not fill the GPU (LoRA ranks, short sequences).
+//            large tiles would not fill the GPU (LoRA ranks, short sequences) or whose K is short.
+//   Split-K (ws non-null): block z sums K range [z · k_per_split, (z + 1) · k_per_split) and
+//   stores its raw f32 sums to ws[z] (M, N); gemm_splitk_fwd_<out> then writes
+//   C = alpha · Σ_z ws[z] + beta · C (one thread an element, a fixed order: deterministic).
 //   Epilogue: each thread writes pairs of adjacent columns (one 4- or 8-byte store when the
 //   address allows it), guarded against the M and N edges.
 //
@@ -169,19 +174,22 @@ __device__ __forceinline__ void store_pair(O* C, int N, int row, int col, float 
     }
 }
 
-template <int L, typename O, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+// C = alpha · acc + beta · C over this block's tile; with split-K (ws non-null) the raw sums go
+// to the block's slice of the f32 workspace instead and gemm_splitk finishes the job.
+template <int L, typename O, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
 __device__ __forceinline__ void gemm_tc(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ B,
-                                        O* __restrict__ C, int M, int N, int K, float alpha, float beta, int vec_a,
-                                        int vec_b) {
-    constexpr int BK = 32;
+                                        O* __restrict__ C, float* __restrict__ ws, int M, int N, int K,
+                                        int k_per_split, float alpha, float beta, int vec_a, int vec_b) {
     constexpr int THREADS = 32 * WARPS_M * WARPS_N;
     constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
     constexpr int MT = WM / 16, NT8 = WN / 8;            // mma tiles of a warp
+    constexpr int KK = BK / 16;                          // mma steps a k-tile
     static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tiles are whole pairs of mma tiles");
+    static_assert(KK % 2 == 0 && STAGES >= 2, "fragment buffers alternate by step parity");
     constexpr bool A_KC = L != TN;  // A stored (M, K)
     constexpr bool B_KC = L == NT;  // B stored (N, K)
-    // Shared tile shapes in 16-byte chunks: K-contiguous tiles are (BM or BN) rows of 4 chunks,
-    // the others BK rows of (BM or BN) / 8 chunks.
+    // Shared tile shapes in 16-byte chunks: K-contiguous tiles are (BM or BN) rows of BK / 8
+    // chunks, the others BK rows of (BM or BN) / 8 chunks.
     constexpr int A_CH = A_KC ? BK / 8 : BM / 8;
     constexpr int B_CH = B_KC ? BK / 8 : BN / 8;
     constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
@@ -190,12 +198,15 @@ __device__ __forceinline__ void gemm_tc(const __nv_bfloat16* __restrict__ A, con
     const uint32_t smem0 = (uint32_t)__cvta_generic_to_shared(smem);
 
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int k_begin = blockIdx.z * k_per_split;
+    const int k_len = min(K - k_begin, k_per_split);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm0 = (warp / WARPS_N) * WM, wn0 = (warp % WARPS_N) * WN;
 
+    // k_per_split is a multiple of BK, so only the last tile of the last split crosses K.
     auto load_stage = [&](int stage, int kt) {
         const uint32_t sa = smem0 + stage * STAGE_BYTES, sb = sa + A_BYTES;
-        const int k0 = kt * BK;
+        const int k0 = k_begin + kt * BK;
         if constexpr (A_KC) {
             load_tile<BM, A_CH, THREADS>(sa, A, K, m0, k0, M, K, vec_a);
         } else {
@@ -208,6 +219,43 @@ __device__ __forceinline__ void gemm_tc(const __nv_bfloat16* __restrict__ A, con
         }
     };
 
+    // Fragments of one mma step (16 of k) of a stage, into buffer `buf`.
+    uint32_t af[2][MT][4];
+    uint32_t bf[2][NT8][2];
+    auto load_frags = [&](int buf, int stage, int kk) {
+        const uint32_t sa = smem0 + stage * STAGE_BYTES, sb = sa + A_BYTES;
+        const int kc = kk * 2;  // first 16-byte chunk of the step along k
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            if constexpr (A_KC) {
+                // Matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = a0..a3.
+                const int r = wm0 + 16 * i + (lane & 15);
+                ldmatrix_x4(af[buf][i], tile_addr<A_CH>(sa, r, kc + (lane >> 4)));
+            } else {
+                // Shared rows are k: transposing 8 × 8 loads give the same four matrices.
+                const int r = kk * 16 + ((lane >> 4) << 3) + (lane & 7);
+                ldmatrix_x4_trans(af[buf][i], tile_addr<A_CH>(sa, r, (wm0 + 16 * i) / 8 + ((lane >> 3) & 1)));
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < NT8 / 2; ++q) {
+            // Matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15): b0, b1
+            // of n-tile 2q, then of 2q + 1.
+            uint32_t r4[4];
+            if constexpr (B_KC) {
+                const int r = wn0 + 16 * q + ((lane >> 4) << 3) + (lane & 7);
+                ldmatrix_x4(r4, tile_addr<B_CH>(sb, r, kc + ((lane >> 3) & 1)));
+            } else {
+                const int r = kk * 16 + (((lane >> 3) & 1) << 3) + (lane & 7);
+                ldmatrix_x4_trans(r4, tile_addr<B_CH>(sb, r, (wn0 + 16 * q) / 8 + (lane >> 4)));
+            }
+            bf[buf][2 * q][0] = r4[0];
+            bf[buf][2 * q][1] = r4[1];
+            bf[buf][2 * q + 1][0] = r4[2];
+            bf[buf][2 * q + 1][1] = r4[3];
+        }
+    };
+
     float acc[MT][NT8][4];
 #pragma unroll
     for (int i = 0; i < MT; ++i)
@@ -216,73 +264,71 @@ __device__ __forceinline__ void gemm_tc(const __nv_bfloat16* __restrict__ A, con
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-    const int KT = (K + BK - 1) / BK;
+    const int KT = (k_len + BK - 1) / BK;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < KT) load_stage(s, s);
         cp_async_commit();
     }
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    load_frags(0, 0, 0);
 
+    // Software pipeline: while step kk multiplies, the fragments of step kk + 1 load, and the
+    // last step of a tile loads the first fragments of the next tile. Tile kt + STAGES − 1 is
+    // copied into the stage tile kt − 1 used, which every warp has finished reading: its last
+    // fragments were loaded before the barrier of step KK − 1 of iteration kt − 1.
+    int stage = 0;
     for (int kt = 0; kt < KT; ++kt) {
-        // Tile kt has landed (its group is the oldest of STAGES − 1 committed), and every warp is
-        // done with the stage the prefetch below overwrites (it held tile kt − 1).
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < KT) load_stage(next % STAGES, next);
-        cp_async_commit();
-
-        const uint32_t sa = smem0 + (kt % STAGES) * STAGE_BYTES, sb = sa + A_BYTES;
 #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            uint32_t af[MT][4];
-            uint32_t bf[NT8][2];
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                if constexpr (A_KC) {
-                    // Matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = a0..a3.
-                    const int r = wm0 + 16 * i + (lane & 15);
-                    ldmatrix_x4(af[i], tile_addr<A_CH>(sa, r, kk / 8 + (lane >> 4)));
-                } else {
-                    // Shared rows are k: transposing 8 × 8 loads give the same four matrices.
-                    const int r = kk + ((lane >> 4) << 3) + (lane & 7);
-                    ldmatrix_x4_trans(af[i], tile_addr<A_CH>(sa, r, (wm0 + 16 * i) / 8 + ((lane >> 3) & 1)));
-                }
+        for (int kk = 0; kk < KK; ++kk) {
+            if (kk == KK - 1) {
+                // Tile kt + 1 has landed (its group is the oldest of STAGES − 1 pending), and
+                // every warp is done with the stage the next prefetch overwrites.
+                cp_async_wait<STAGES - 2>();
+                __syncthreads();
+                stage = stage + 1 == STAGES ? 0 : stage + 1;
             }
-#pragma unroll
-            for (int q = 0; q < NT8 / 2; ++q) {
-                // Matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15): b0, b1
-                // of n-tile 2q, then of 2q + 1.
-                uint32_t r4[4];
-                if constexpr (B_KC) {
-                    const int r = wn0 + 16 * q + ((lane >> 4) << 3) + (lane & 7);
-                    ldmatrix_x4(r4, tile_addr<B_CH>(sb, r, kk / 8 + ((lane >> 3) & 1)));
-                } else {
-                    const int r = kk + (((lane >> 3) & 1) << 3) + (lane & 7);
-                    ldmatrix_x4_trans(r4, tile_addr<B_CH>(sb, r, (wn0 + 16 * q) / 8 + (lane >> 4)));
-                }
-                bf[2 * q][0] = r4[0];
-                bf[2 * q][1] = r4[1];
-                bf[2 * q + 1][0] = r4[2];
-                bf[2 * q + 1][1] = r4[3];
+            load_frags((kk + 1) & 1, stage, (kk + 1) % KK);
+            if (kk == 0) {
+                const int next = kt + STAGES - 1;
+                if (next < KT) load_stage(next % STAGES, next);
+                cp_async_commit();
             }
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
-                for (int j = 0; j < NT8; ++j) mma_bf16(acc[i][j], af[i], bf[j][0], bf[j][1]);
+                for (int j = 0; j < NT8; ++j) mma_bf16(acc[i][j], af[kk & 1][i], bf[kk & 1][j][0], bf[kk & 1][j][1]);
         }
     }
 
     // Accumulator d0, d1 sit at (row lane/4, columns 2·(lane%4) + 0, 1), d2, d3 eight rows below.
+    float* part = ws == nullptr ? nullptr : ws + (size_t)blockIdx.z * M * N;
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
         for (int j = 0; j < NT8; ++j) {
             const int row = m0 + wm0 + 16 * i + (lane >> 2);
             const int col = n0 + wn0 + 8 * j + 2 * (lane & 3);
-            if (row < M) store_pair<O>(C, N, row, col, acc[i][j][0], acc[i][j][1], alpha, beta);
-            if (row + 8 < M) store_pair<O>(C, N, row + 8, col, acc[i][j][2], acc[i][j][3], alpha, beta);
+            if (part != nullptr) {
+                if (row < M) store_pair<float>(part, N, row, col, acc[i][j][0], acc[i][j][1], 1.f, 0.f);
+                if (row + 8 < M) store_pair<float>(part, N, row + 8, col, acc[i][j][2], acc[i][j][3], 1.f, 0.f);
+            } else {
+                if (row < M) store_pair<O>(C, N, row, col, acc[i][j][0], acc[i][j][1], alpha, beta);
+                if (row + 8 < M) store_pair<O>(C, N, row + 8, col, acc[i][j][2], acc[i][j][3], alpha, beta);
+            }
         }
+    }
+}
+
+// C = alpha · Σ_z ws[z] + beta · C, one thread an element (grid-stride).
+template <typename O>
+__device__ __forceinline__ void gemm_splitk(const float* __restrict__ ws, O* __restrict__ C, long long mn, int splits,
+                                            float alpha, float beta) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < mn; i += (long long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += ws[z * mn + i];
+        C[i] = from_f32<O>(alpha * s + (beta != 0.f ? beta * to_f32(C[i]) : 0.f));
     }
 }
 
@@ -438,25 +484,34 @@ __device__ __forceinline__ void nf4_dequant(const uint8_t* __restrict__ packed, 
 
 }  // namespace
 
-#define GEMM_TC(name, L, O, BM, BN, WARPS_M, WARPS_N, MIN_BLOCKS)                                                \
-    GM_KERNEL void __launch_bounds__(32 * WARPS_M * WARPS_N, MIN_BLOCKS)                                          \
-        name(const __nv_bfloat16* A, const __nv_bfloat16* B, O* C, int M, int N, int K, float alpha, float beta, \
-             int vec_a, int vec_b) {                                                                              \
-        gemm_tc<L, O, BM, BN, WARPS_M, WARPS_N, 4>(A, B, C, M, N, K, alpha, beta, vec_a, vec_b);                  \
+#define GEMM_TC(name, L, O, BM, BN, BK, WARPS_M, WARPS_N, STAGES, MIN_BLOCKS)                                    \
+    GM_KERNEL void __launch_bounds__(32 * WARPS_M * WARPS_N, MIN_BLOCKS)                                           \
+        name(const __nv_bfloat16* A, const __nv_bfloat16* B, O* C, float* ws, int M, int N, int K, int k_per_split, \
+             float alpha, float beta, int vec_a, int vec_b) {                                                      \
+        gemm_tc<L, O, BM, BN, BK, WARPS_M, WARPS_N, STAGES>(A, B, C, ws, M, N, K, k_per_split, alpha, beta, vec_a, \
+                                                            vec_b);                                                \
     }
 
-GEMM_TC(gemm_nt_fwd_bf16, NT, __nv_bfloat16, 128, 256, 2, 4, 1)
-GEMM_TC(gemm_nn_fwd_bf16, NN, __nv_bfloat16, 128, 256, 2, 4, 1)
-GEMM_TC(gemm_tn_fwd_bf16, TN, __nv_bfloat16, 128, 256, 2, 4, 1)
-GEMM_TC(gemm_nt_f32out_fwd_bf16, NT, float, 128, 256, 2, 4, 1)
-GEMM_TC(gemm_nn_f32out_fwd_bf16, NN, float, 128, 256, 2, 4, 1)
-GEMM_TC(gemm_tn_f32out_fwd_bf16, TN, float, 128, 256, 2, 4, 1)
-GEMM_TC(gemm_nt_small_fwd_bf16, NT, __nv_bfloat16, 64, 64, 2, 2, 4)
-GEMM_TC(gemm_nn_small_fwd_bf16, NN, __nv_bfloat16, 64, 64, 2, 2, 4)
-GEMM_TC(gemm_tn_small_fwd_bf16, TN, __nv_bfloat16, 64, 64, 2, 2, 4)
-GEMM_TC(gemm_nt_small_f32out_fwd_bf16, NT, float, 64, 64, 2, 2, 4)
-GEMM_TC(gemm_nn_small_f32out_fwd_bf16, NN, float, 64, 64, 2, 2, 4)
-GEMM_TC(gemm_tn_small_f32out_fwd_bf16, TN, float, 64, 64, 2, 2, 4)
+GEMM_TC(gemm_nt_fwd_bf16, NT, __nv_bfloat16, 128, 256, 32, 2, 4, 4, 1)
+GEMM_TC(gemm_nn_fwd_bf16, NN, __nv_bfloat16, 128, 256, 32, 2, 4, 4, 1)
+GEMM_TC(gemm_tn_fwd_bf16, TN, __nv_bfloat16, 128, 256, 32, 2, 4, 4, 1)
+GEMM_TC(gemm_nt_f32out_fwd_bf16, NT, float, 128, 256, 32, 2, 4, 4, 1)
+GEMM_TC(gemm_nn_f32out_fwd_bf16, NN, float, 128, 256, 32, 2, 4, 4, 1)
+GEMM_TC(gemm_tn_f32out_fwd_bf16, TN, float, 128, 256, 32, 2, 4, 4, 1)
+GEMM_TC(gemm_nt_small_fwd_bf16, NT, __nv_bfloat16, 64, 64, 32, 2, 2, 4, 4)
+GEMM_TC(gemm_nn_small_fwd_bf16, NN, __nv_bfloat16, 64, 64, 32, 2, 2, 4, 4)
+GEMM_TC(gemm_tn_small_fwd_bf16, TN, __nv_bfloat16, 64, 64, 32, 2, 2, 4, 4)
+GEMM_TC(gemm_nt_small_f32out_fwd_bf16, NT, float, 64, 64, 32, 2, 2, 4, 4)
+GEMM_TC(gemm_nn_small_f32out_fwd_bf16, NN, float, 64, 64, 32, 2, 2, 4, 4)
+GEMM_TC(gemm_tn_small_f32out_fwd_bf16, TN, float, 64, 64, 32, 2, 2, 4, 4)
+
+GM_KERNEL void gemm_splitk_fwd_f32(const float* ws, float* C, long long mn, int splits, float alpha, float beta) {
+    gemm_splitk<float>(ws, C, mn, splits, alpha, beta);
+}
+GM_KERNEL void gemm_splitk_fwd_bf16(const float* ws, __nv_bfloat16* C, long long mn, int splits, float alpha,
+                                    float beta) {
+    gemm_splitk<__nv_bfloat16>(ws, C, mn, splits, alpha, beta);
+}
 
 #define GEMM_SIMT(name, L)                                                                                   \
     GM_KERNEL void __launch_bounds__(S_THREADS, 2)                                                            \

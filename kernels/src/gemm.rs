@@ -63,7 +63,8 @@ impl Layout {
 pub enum Tile {
     /// 128 × 256, 8 warps: the fast one, once there are enough tiles to fill the GPU.
     Large,
-    /// 64 × 64, 4 warps: products too small in M or N to give every multiprocessor a large tile.
+    /// 64 × 64, 4 warps: products too small in M or N to give every multiprocessor a large tile,
+    /// or with a short K.
     Small,
 }
 
@@ -77,11 +78,41 @@ impl Tile {
         }
     }
 
-    /// Large tiles when there are at least as many as multiprocessors, small ones otherwise.
-    pub fn pick(m: usize, n: usize, multiprocessors: usize) -> Tile {
+    /// Large tiles when there are at least as many as multiprocessors and K is long enough for
+    /// their operand reuse to pay; small ones otherwise.
+    pub fn pick(m: usize, n: usize, k: usize, multiprocessors: usize) -> Tile {
         let (bm, bn, _, _) = Tile::Large.geometry();
-        if m.div_ceil(bm).saturating_mul(n.div_ceil(bn)) >= multiprocessors { Tile::Large } else { Tile::Small }
+        let tiles = m.div_ceil(bm).saturating_mul(n.div_ceil(bn));
+        if tiles >= multiprocessors && k >= LARGE_TILE_MIN_K { Tile::Large } else { Tile::Small }
     }
+}
+
+/// Below this K a product is dominated by loading its tiles and writing C, which the small tiles
+/// (more blocks in flight per multiprocessor) do faster: on an H200 at M = N = 4096 small tiles
+/// win up to K = 256 and lose from K = 1024 on.
+const LARGE_TILE_MIN_K: usize = 512;
+
+/// k-tile of the tensor-core kernels: split-K ranges are multiples of it.
+const BK: usize = 32;
+
+/// How many K ranges a tensor-core product is cut into (1: none), and the length of each.
+///
+/// A product with fewer tiles than half the multiprocessors and a long K (a LoRA factor's
+/// product, a rank-sized weight gradient) would leave most of the GPU idle: its K is split so that
+/// about two blocks per multiprocessor run, each split at least 256 long, at most 16 splits. The
+/// partial sums go to an f32 workspace that a second kernel adds up (deterministically).
+pub fn split_k(m: usize, n: usize, k: usize, tile: Tile, multiprocessors: usize) -> (usize, usize) {
+    let (bm, bn, _, _) = tile.geometry();
+    let tiles = m.div_ceil(bm).saturating_mul(n.div_ceil(bn)).max(1);
+    if tiles.saturating_mul(2) > multiprocessors {
+        return (1, k);
+    }
+    let want = (2 * multiprocessors).div_ceil(tiles).min(k / 256).min(16);
+    if want <= 1 {
+        return (1, k);
+    }
+    let per = k.div_ceil(want).div_ceil(BK) * BK;
+    (k.div_ceil(per), per)
 }
 
 /// Tile of the f32 SIMT kernels and their block size.
@@ -117,6 +148,10 @@ pub fn vector_loads_ok(addr: u64, ld: usize) -> bool {
     addr.is_multiple_of(16) && ld.is_multiple_of(8)
 }
 
+fn multiprocessors(gpu: &Gpu) -> usize {
+    gpu.info().multiprocessors.max(1) as usize
+}
+
 fn product(kernel: &'static str, what: &str, a: usize, b: usize) -> Result<usize> {
     a.checked_mul(b).ok_or_else(|| KernelError::shape(kernel, format!("{what} = {a} × {b} overflows usize")))
 }
@@ -128,7 +163,8 @@ fn product(kernel: &'static str, what: &str, a: usize, b: usize) -> Result<usize
 /// b: (N, K) for NT, (K, N) for NN and TN
 /// c: (M, N)
 ///
-/// f32 inputs give an f32 output (SIMT kernel); bf16 inputs a bf16 or f32 output (tensor cores).
+/// f32 inputs give an f32 output (SIMT kernel); bf16 inputs a bf16 or f32 output (tensor cores;
+/// the tile by [`Tile::pick`], K split by [`split_k`] when the tiles alone would leave the GPU idle).
 /// Any M, N, K ≥ 1 and any element-aligned buffer or view; f32 inputs with a bf16 output are a
 /// shape error.
 #[allow(clippy::too_many_arguments)]
@@ -144,7 +180,7 @@ pub fn gemm<T: Float, O: Float>(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
-    let tile = Tile::pick(m, n, gpu.info().multiprocessors.max(1) as usize);
+    let tile = Tile::pick(m, n, k, multiprocessors(gpu));
     gemm_with_tile(gpu, layout, tile, m, n, k, a, b, c, alpha, beta)
 }
 
@@ -173,36 +209,59 @@ pub fn gemm_with_tile<T: Float, O: Float>(
     check_len(K, "b", b.len(), product(K, "N·K", n, k)?)?;
     check_len(K, "c", c.len(), product(K, "M·N", m, n)?)?;
     let (mi, ni, ki) = (to_i32(K, "M", m)?, to_i32(K, "N", n)?, to_i32(K, "K", k)?);
-    let (bm, bn, threads, smem) = if T::IS_BF16 {
-        tile.geometry()
-    } else {
-        let (bm, bn, threads) = SIMT_TILE;
-        (bm, bn, threads, 0)
-    };
-    // M ≤ i32::MAX keeps grid x in range; grid y is limited to 65535.
-    let (gx, gy) = (m.div_ceil(bm), n.div_ceil(bn));
-    if gy > 65535 {
-        return Err(KernelError::shape(K, format!("N = {n} needs {gy} column tiles, at most 65535")));
-    }
-    let cfg = LaunchConfig { grid_dim: (gx as u32, gy as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
     let f = gpu.function(MODULE, name)?;
-    if smem > 0 {
-        // More than the default 48 KiB of dynamic shared memory must be asked for per function.
-        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    let (pa, pb) = (ptr(gpu, a), ptr(gpu, b));
+    if !T::IS_BF16 {
+        let (bm, bn, threads) = SIMT_TILE;
+        let cfg = grid_2d(K, m.div_ceil(bm), n.div_ceil(bn), 1, threads, 0)?;
+        let pc = ptr_mut(gpu, c);
+        let mut l = gpu.stream().launch_builder(&f);
+        l.arg(&pa).arg(&pb).arg(&pc).arg(&mi).arg(&ni).arg(&ki).arg(&alpha).arg(&beta);
+        // SAFETY: a holds M·K, b N·K and c M·N f32 (checked above); every load is bounds-checked
+        // against M, N, K and only c is written, inside (M, N).
+        unsafe { l.launch(cfg) }?;
+        return Ok(());
     }
-    let (pa, pb, pc) = (ptr(gpu, a), ptr(gpu, b), ptr_mut(gpu, c));
+    let (bm, bn, threads, smem) = tile.geometry();
+    let (splits, per) = split_k(m, n, k, tile, multiprocessors(gpu));
+    let cfg = grid_2d(K, m.div_ceil(bm), n.div_ceil(bn), splits, threads, smem)?;
+    // More than the default 48 KiB of dynamic shared memory must be asked for per function.
+    f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     let (lda, ldb) = layout.leading_dims(m, n, k);
     let (vec_a, vec_b) = (i32::from(vector_loads_ok(pa, lda)), i32::from(vector_loads_ok(pb, ldb)));
+    let per_i = to_i32(K, "K per split", per)?;
+    let mut ws = if splits > 1 { Some(gpu.alloc::<f32>(splits * m * n)?) } else { None };
+    let pws = ws.as_mut().map_or(0, |w| ptr_mut(gpu, w));
+    let pc = ptr_mut(gpu, c);
     let mut l = gpu.stream().launch_builder(&f);
-    l.arg(&pa).arg(&pb).arg(&pc).arg(&mi).arg(&ni).arg(&ki).arg(&alpha).arg(&beta);
-    if T::IS_BF16 {
-        l.arg(&vec_a).arg(&vec_b);
-    }
+    l.arg(&pa).arg(&pb).arg(&pc).arg(&pws).arg(&mi).arg(&ni).arg(&ki).arg(&per_i);
+    l.arg(&alpha).arg(&beta).arg(&vec_a).arg(&vec_b);
     // SAFETY: a holds M·K, b N·K and c M·N elements of the kernel's types (checked above); the
     // kernel reads only inside those (every load is bounds-checked against M, N, K, and 16-byte
-    // copies are used only where vec_a / vec_b say the rows are aligned) and writes only c.
+    // copies are used only where vec_a / vec_b say the rows are aligned). It writes c, or with
+    // split-K (grid z = splits, each `per` of K) only the workspace of splits·M·N f32.
     unsafe { l.launch(cfg) }?;
+    if let Some(ws) = &ws {
+        let f = gpu.function(MODULE, O::pick("gemm_splitk_fwd_f32", "gemm_splitk_fwd_bf16"))?;
+        let mn = (m * n) as i64; // M, N ≤ i32::MAX, so M·N < 2^62
+        let splits_i = splits as i32; // at most 16
+        let pws = ptr(gpu, ws);
+        let mut l = gpu.stream().launch_builder(&f);
+        l.arg(&pws).arg(&pc).arg(&mn).arg(&splits_i).arg(&alpha).arg(&beta);
+        // SAFETY: ws holds splits·M·N f32, all written by the launch above (every split covers
+        // every (row, col) of C); c holds M·N elements; the grid-stride loop stops at M·N.
+        unsafe { l.launch(grid_1d(m * n, 256)) }?;
+    }
     Ok(())
+}
+
+/// (ceil(M / BM), ceil(N / BN), splits) blocks of `threads`, or a shape error past the grid's
+/// y limit of 65535 (x takes up to 2^31 − 1, which M ≤ i32::MAX never reaches in tiles).
+fn grid_2d(kernel: &'static str, gx: usize, gy: usize, gz: usize, threads: u32, smem: u32) -> Result<LaunchConfig> {
+    if gy > 65535 {
+        return Err(KernelError::shape(kernel, format!("N needs {gy} column tiles, at most 65535")));
+    }
+    Ok(LaunchConfig { grid_dim: (gx as u32, gy as u32, gz as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem })
 }
 
 /// How the block scales of an [`Nf4Weight`] sit on the device.
@@ -465,7 +524,7 @@ fn bench_gemm<T: Float, O: Float>(gpu: &Gpu, layout: Layout, m: usize, n: usize,
     let (da, db) = (gpu.upload(&a)?, gpu.upload(&b)?);
     let mut dc = gpu.zeros::<O>(m * n)?;
     let seconds = check::time_median(gpu, 5, 20, || gemm::<T, O>(gpu, layout, m, n, k, &da, &db, &mut dc, 1.0, 0.0))?;
-    let tile = Tile::pick(m, n, gpu.info().multiprocessors.max(1) as usize);
+    let tile = Tile::pick(m, n, k, multiprocessors(gpu));
     Ok(BenchRow {
         kernel: kernel_name(layout, T::IS_BF16, O::IS_BF16, tile).unwrap_or("gemm"),
         shape: format!("{} M={m} N={n} K={k}", layout.tag()),
@@ -545,12 +604,39 @@ mod tests {
     #[test]
     fn tile_choice_fills_the_gpu() {
         // 4096² on 132 multiprocessors: 32 × 16 = 512 large tiles.
-        assert_eq!(Tile::pick(4096, 4096, 132), Tile::Large);
+        assert_eq!(Tile::pick(4096, 4096, 4096, 132), Tile::Large);
         // A rank-16 LoRA product has 32 large tiles: too few.
-        assert_eq!(Tile::pick(4096, 16, 132), Tile::Small);
-        assert_eq!(Tile::pick(1, 1, 132), Tile::Small);
-        assert_eq!(Tile::pick(1, 1, 1), Tile::Large);
-        assert_eq!(Tile::pick(usize::MAX, usize::MAX, 132), Tile::Large);
+        assert_eq!(Tile::pick(4096, 16, 4096, 132), Tile::Small);
+        // Its twin with K = 16 has enough tiles, but each is mostly writing C.
+        assert_eq!(Tile::pick(4096, 4096, 16, 132), Tile::Small);
+        assert_eq!(Tile::pick(4096, 4096, 256, 132), Tile::Small);
+        assert_eq!(Tile::pick(4096, 4096, 1024, 132), Tile::Large);
+        assert_eq!(Tile::pick(1, 1, 4096, 132), Tile::Small);
+        assert_eq!(Tile::pick(1, 1, 4096, 1), Tile::Large);
+        assert_eq!(Tile::pick(usize::MAX, usize::MAX, usize::MAX, 132), Tile::Large);
+    }
+
+    #[test]
+    fn split_k_only_for_few_tiles_and_long_k() {
+        // Enough tiles: no split.
+        assert_eq!(split_k(4096, 4096, 4096, Tile::Large, 132), (1, 4096));
+        assert_eq!(split_k(4096, 4096, 4096, Tile::Small, 132), (1, 4096));
+        // x · Aᵀ of a rank-16 LoRA: 64 small tiles → 5 splits of 832 (a multiple of 32).
+        assert_eq!(split_k(4096, 16, 4096, Tile::Small, 132), (5, 832));
+        // Short K: nothing to split.
+        assert_eq!(split_k(129, 70, 200, Tile::Small, 132), (1, 200));
+        assert_eq!(split_k(1, 1, 1, Tile::Large, 132), (1, 1));
+        // One tile, long K: at most 16 splits; the last may be short but none is empty.
+        assert_eq!(split_k(64, 16, 4096, Tile::Large, 132), (16, 256));
+        assert_eq!(split_k(1, 4096, 576, Tile::Small, 132), (2, 288));
+        for k in [300, 511, 512, 1000, 4097, 100_000] {
+            for tile in [Tile::Large, Tile::Small] {
+                let (s, per) = split_k(3, 5, k, tile, 132);
+                assert!((1..=16).contains(&s), "k={k}: {s} splits");
+                assert!(s == 1 || per % BK == 0, "k={k}: {s} × {per}");
+                assert!(per * s >= k && per * (s - 1) < k, "k={k}: {s} × {per}");
+            }
+        }
     }
 
     #[test]
