@@ -5,6 +5,7 @@
 //! positive logit by the penalty, multiply a negative one), then temperature, top-k, top-p.
 //! Temperature 0 is greedy decoding (argmax; the first index wins ties).
 
+use crate::backend::{Backend, CpuBackend, decode_step};
 use crate::error::{Error, Result};
 use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
@@ -180,10 +181,57 @@ pub fn generate(
     cfg: &SamplingConfig,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
+    generate_on(&CpuBackend::new(model), tok, prompt, cfg, on_text)
+}
+
+/// A model on the device it generates on.
+pub enum Runner<'a> {
+    Cpu(CpuBackend<'a>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::backend::cuda::CudaBackend>),
+}
+
+impl<'a> Runner<'a> {
+    /// `model` on `device` (uploaded to a GPU: the host copy is no longer read).
+    pub fn new(device: &crate::Device, model: &'a LlamaModel) -> Result<Self> {
+        match device {
+            crate::Device::Cpu => Ok(Runner::Cpu(CpuBackend::new(model))),
+            #[cfg(feature = "cuda")]
+            crate::Device::Cuda(gpu) => {
+                Ok(Runner::Cuda(Box::new(crate::backend::cuda::CudaBackend::new(gpu.clone(), model)?)))
+            }
+        }
+    }
+
+    /// [`generate`] on this runner's device.
+    pub fn generate(
+        &self,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        cfg: &SamplingConfig,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        match self {
+            Runner::Cpu(be) => generate_on(be, tok, prompt, cfg, on_text),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(be) => generate_on(&**be, tok, prompt, cfg, on_text),
+        }
+    }
+}
+
+/// [`generate`] on any backend (the model already on its device).
+pub fn generate_on<B: Backend>(
+    be: &B,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    let mcfg = be.cfg();
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt has no tokens".into()));
     }
-    let ctx = model.cfg.max_position_embeddings;
+    let ctx = mcfg.max_position_embeddings;
     if prompt.len() >= ctx {
         return Err(Error::Invalid(format!(
             "the prompt has {} tokens but the model's context is {ctx}: shorten it",
@@ -191,7 +239,7 @@ pub fn generate(
         )));
     }
     let mut sampler = Sampler::new(cfg.clone())?;
-    let mut cache = model.new_cache();
+    let mut cache = be.new_cache()?;
     let mut history: Vec<u32> = prompt.to_vec();
     let mut stream = tok.decode_stream(true);
     let mut text = String::new();
@@ -201,10 +249,10 @@ pub fn generate(
 
     // Embedding tables are often padded past the tokenizer's vocabulary (to a multiple of 64 or
     // 128); those rows were never trained and have no text, so they are never sampled.
-    let unused: Vec<usize> = (0..model.cfg.vocab_size).filter(|&id| tok.id_to_token(id as u32).is_none()).collect();
+    let unused: Vec<usize> = (0..mcfg.vocab_size).filter(|&id| tok.id_to_token(id as u32).is_none()).collect();
 
     let t0 = Instant::now();
-    let mut logits = model.forward(prompt, &mut cache, false)?;
+    let mut logits = decode_step(be, prompt, &mut cache, false)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut ids = Vec::new();
@@ -243,10 +291,10 @@ pub fn generate(
                 }
             }
         }
-        if cache.len() >= ctx {
+        if be.cache_len(&cache) >= ctx {
             break StopReason::Context;
         }
-        logits = model.forward(&[id], &mut cache, false)?;
+        logits = decode_step(be, &[id], &mut cache, false)?;
     };
     if stop != StopReason::StopString && stop != StopReason::Callback {
         if let Some(rest) = stream.flush()? {
