@@ -9,6 +9,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod gpu;
+
 /// Fine-tune and run Llama-family models with QLoRA (NF4 base + LoRA), AdamW or GRIT, on one GPU
 /// or on the CPU.
 #[derive(Parser)]
@@ -126,6 +128,16 @@ enum Command {
         #[arg(long, default_value_t = 3407)]
         seed: u64,
     },
+    /// Check the GPU: driver, device, PTX modules, every kernel against its CPU reference.
+    /// Without a usable GPU it says why and succeeds (gristmill then runs on the CPU).
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks on the GPU.
+    #[command(subcommand)]
+    Bench(gpu::BenchCommand),
 }
 
 #[derive(clap::Args)]
@@ -297,6 +309,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Selfcheck { seed } => selfcheck(seed),
+        Command::Doctor { json } => gpu::doctor_cmd(json),
+        Command::Bench(cmd) => gpu::bench_cmd(cmd),
     }
 }
 
