@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use gristmill::generate::{Generation, SamplingConfig, StopReason, generate};
+use gristmill::generate::{Generation, SamplingConfig, StopReason};
 use gristmill::model::{BasePrecision, LlamaModel};
 use gristmill::tokenizer::{ChatMessage, Tokenizer};
 use std::io::{IsTerminal, Write};
@@ -16,6 +16,10 @@ mod gpu;
 #[derive(Parser)]
 #[command(name = "gristmill", version = gristmill::VERSION, about, long_about = None)]
 struct Cli {
+    /// Where to run: auto (the GPU when there is one), cpu, cuda or cuda:N. For `train` it
+    /// overrides the configuration's `train.device`.
+    #[arg(long, global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -272,13 +276,14 @@ struct GenerateArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let dev = cli.device.as_deref();
     match cli.command {
-        Command::Generate(args) => generate_cmd(args),
-        Command::Train(args) => train_cmd(*args),
+        Command::Generate(args) => generate_cmd(args, dev),
+        Command::Train(args) => train_cmd(*args, dev),
         Command::Synth { n, seed, out } => synth_cmd(n, seed, &out),
         Command::Chat { model, adapter, system, max_new_tokens, temperature, top_p, seed } => {
             let sampling = SamplingConfig { temperature, top_p, seed, max_new_tokens, ..Default::default() };
-            chat_cmd(&model, adapter.as_deref(), system, &sampling)
+            chat_cmd(&model, adapter.as_deref(), system, &sampling, dev)
         }
         Command::Merge { base, adapter, out, allow_4bit, max_shard_gb } => {
             let opts = gristmill::merge::MergeOptions { allow_4bit, max_shard_bytes: (max_shard_gb * 1e9) as u64 };
@@ -297,7 +302,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Eval { model, adapter, data, template, max_examples, max_new_tokens, show, json } => {
-            eval_cmd(&model, adapter.as_deref(), &data, &template, max_examples, max_new_tokens, show, json.as_deref())
+            let (a, j) = (adapter.as_deref(), json.as_deref());
+            eval_cmd(&model, a, &data, &template, max_examples, max_new_tokens, show, j, dev)
         }
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
         Command::Inspect { path, tensors } => {
@@ -339,7 +345,12 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-fn generate_cmd(a: GenerateArgs) -> Result<()> {
+/// The device `--device` names (auto when not given).
+fn device(flag: Option<&str>) -> Result<gristmill::Device> {
+    Ok(gristmill::Device::parse(flag.unwrap_or("auto"))?)
+}
+
+fn generate_cmd(a: GenerateArgs, dev: Option<&str>) -> Result<()> {
     let sampling = SamplingConfig {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -371,8 +382,10 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         let n = gristmill::adapter::load_peft_adapter(&mut model, dir)?;
         eprintln!("adapter {}: {n} modules", dir.display());
     }
+    let device = device(dev)?;
+    let runner = gristmill::generate::Runner::new(&device, &model)?;
     eprintln!(
-        "loaded {} ({} layers, {:.0} MiB of weights) in {:.1}s on cpu",
+        "loaded {} ({} layers, {:.0} MiB of weights) in {:.1}s on {device}",
         a.model.display(),
         model.cfg.num_layers,
         model.weight_bytes() as f64 / (1 << 20) as f64,
@@ -401,7 +414,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         }
         let mut out = stdout.lock();
         let mut write_err = None;
-        let g: Generation = generate(&model, &tok, &ids, &sampling, &mut |piece| match out
+        let g: Generation = runner.generate(&tok, &ids, &sampling, &mut |piece| match out
             .write_all(piece.as_bytes())
             .and_then(|_| out.flush())
         {
@@ -447,6 +460,7 @@ fn eval_cmd(
     max_new_tokens: usize,
     show: usize,
     json: Option<&Path>,
+    dev: Option<&str>,
 ) -> Result<()> {
     use gristmill::data::{Format, Template, load_examples};
     let mut model = LlamaModel::load(model_dir, BasePrecision::AsStored)?;
@@ -460,7 +474,9 @@ fn eval_cmd(
     }
     let template = Template::resolve(Some(template), &tok, report.format)?;
     let tty = std::io::stderr().is_terminal();
-    let r = gristmill::eval::exact_match_eval(&model, &tok, &template, &examples, max_new_tokens, &mut |d, n| {
+    let device = device(dev)?;
+    let runner = gristmill::generate::Runner::new(&device, &model)?;
+    let r = gristmill::eval::exact_match_eval_on(&runner, &tok, &template, &examples, max_new_tokens, &mut |d, n| {
         if tty {
             eprint!("\rscoring {d}/{n}");
             if d == n {
@@ -517,7 +533,13 @@ fn eval_cmd(
     Ok(())
 }
 
-fn chat_cmd(model_dir: &Path, adapter: Option<&Path>, system: Option<String>, sampling: &SamplingConfig) -> Result<()> {
+fn chat_cmd(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    system: Option<String>,
+    sampling: &SamplingConfig,
+    dev: Option<&str>,
+) -> Result<()> {
     use std::io::BufRead;
     sampling.validate()?;
     let mut model = LlamaModel::load(model_dir, BasePrecision::AsStored)?;
@@ -528,6 +550,8 @@ fn chat_cmd(model_dir: &Path, adapter: Option<&Path>, system: Option<String>, sa
     if tok.chat_template().is_none() {
         bail!("{} has no chat template; use `gristmill generate` with a plain prompt", model_dir.display());
     }
+    let device = device(dev)?;
+    let runner = gristmill::generate::Runner::new(&device, &model)?;
     let fresh = || -> Vec<ChatMessage> { system.iter().map(|s| ChatMessage::new("system", s.clone())).collect() };
     let mut history = fresh();
     let stdin = std::io::stdin();
@@ -560,7 +584,7 @@ fn chat_cmd(model_dir: &Path, adapter: Option<&Path>, system: Option<String>, sa
         // A new seed each turn, derived from the user's, so that a conversation is reproducible.
         let cfg = SamplingConfig { seed: sampling.seed.wrapping_add(turn), ..sampling.clone() };
         turn += 1;
-        let g = generate(&model, &tok, &ids, &cfg, &mut |piece| {
+        let g = runner.generate(&tok, &ids, &cfg, &mut |piece| {
             out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
         })?;
         writeln!(out)?;
@@ -582,7 +606,7 @@ fn synth_cmd(n: usize, seed: u64, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn train_cmd(a: TrainArgs) -> Result<()> {
+fn train_cmd(a: TrainArgs, dev: Option<&str>) -> Result<()> {
     use gristmill::train::config::{TrainConfig, set_key};
     use toml::Value;
     let mut flags = toml::Table::new();
@@ -605,6 +629,9 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     if let Some(r) = &a.resume {
         set("output.resume", Value::String(r.clone()))?;
+    }
+    if let Some(d) = dev {
+        set("train.device", Value::String(d.to_string()))?;
     }
     let int = |v: usize| Value::Integer(v as i64);
     for (k, v) in [

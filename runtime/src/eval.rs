@@ -1,10 +1,11 @@
 //! Generation-based evaluation: exact match of the final answer (GSM8K's "#### N" convention,
 //! numeric normalisation), greedy decoding.
 
+use crate::backend::CpuBackend;
 use crate::data::synth::{exact_match, extract_answer};
 use crate::data::{Example, Template};
 use crate::error::{Error, Result};
-use crate::generate::{SamplingConfig, generate};
+use crate::generate::{Runner, SamplingConfig};
 use crate::model::LlamaModel;
 use crate::tokenizer::Tokenizer;
 
@@ -74,6 +75,18 @@ pub fn exact_match_eval(
     max_new_tokens: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExactMatch> {
+    exact_match_eval_on(&Runner::Cpu(CpuBackend::new(model)), tok, template, examples, max_new_tokens, progress)
+}
+
+/// [`exact_match_eval`] on the runner's device.
+pub fn exact_match_eval_on(
+    runner: &Runner<'_>,
+    tok: &Tokenizer,
+    template: &Template,
+    examples: &[Example],
+    max_new_tokens: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExactMatch> {
     let t0 = std::time::Instant::now();
     let mut out = ExactMatch::default();
     // A plain-text prompt has no end-of-turn token: stop where the model would start the next
@@ -86,7 +99,7 @@ pub fn exact_match_eval(
         let prompt = template.prompt(tok, ex)?;
         let add_special = !matches!(template, Template::Chat);
         let ids = tok.encode(&prompt, add_special)?;
-        let g = generate(model, tok, &ids, &cfg, &mut |_| true)?;
+        let g = runner.generate(tok, &ids, &cfg, &mut |_| true)?;
         out.new_tokens += g.ids.len();
         let predicted = extract_answer(&g.text);
         let correct = predicted.as_deref().is_some_and(|p| exact_match(p, &gold));

@@ -54,7 +54,9 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 
 fn adapted(dir: &str, base: BasePrecision, seed: u64) -> LlamaModel {
     let mut model = LlamaModel::load(&fixtures().join(dir), base).unwrap();
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, target_modules: vec![] };
+    let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let spec =
+        LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, target_modules: all.map(String::from).to_vec() };
     init_lora(&mut model, &spec, seed).unwrap();
     // Non-zero B, so that every adapter contributes to the forward and A gets gradients.
     for l in &mut model.layers {
