@@ -71,24 +71,38 @@ impl BenchRow {
     }
 }
 
-/// Times `f` with CUDA events: `warmup` untimed calls, then `iters` timed one by one; returns the
-/// median in seconds.
+/// Times `f` with CUDA events: `warmup` untimed calls, then `iters` samples; returns the median
+/// time of one call in seconds.
+///
+/// A sample times several calls back to back (enough for about half a millisecond), as kernels
+/// run inside a training step: one call of a 20 µs kernel between two events would mostly
+/// measure the launch and the events themselves.
 pub fn time_median(gpu: &Gpu, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
     let (start, stop): (CudaEvent, CudaEvent) = (gpu.event()?, gpu.event()?);
-    let mut ms = Vec::with_capacity(iters.max(1));
-    for _ in 0..iters.max(1) {
+    let mut sample = |reps: usize| -> Result<f64> {
         gpu.record(&start)?;
-        f()?;
+        for _ in 0..reps {
+            f()?;
+        }
         gpu.record(&stop)?;
         stop.synchronize()?;
-        ms.push(start.elapsed_ms(&stop)?);
+        Ok(f64::from(start.elapsed_ms(&stop)?) / 1e3 / reps as f64)
+    };
+    let one = sample(1)?;
+    let reps = ((SAMPLE_S / one.max(1e-7)).ceil() as usize).clamp(1, 200);
+    let mut s = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        s.push(sample(reps)?);
     }
-    ms.sort_by(f32::total_cmp);
-    Ok(f64::from(ms[ms.len() / 2]) / 1e3)
+    s.sort_by(f64::total_cmp);
+    Ok(s[s.len() / 2])
 }
+
+/// Length of one timing sample of [`time_median`], in seconds.
+const SAMPLE_S: f64 = 5e-4;
 
 /// Deterministic test data in [−scale, scale): a cheap hash of the index, so that every run and
 /// the CPU reference see the same values.

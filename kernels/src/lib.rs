@@ -32,6 +32,8 @@ pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod loss;
 #[cfg(feature = "cuda")]
+pub mod nf4;
+#[cfg(feature = "cuda")]
 pub mod optim;
 
 /// The driver-API types launchers take and return (device buffers and views).
