@@ -26,6 +26,8 @@ pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod attention;
 #[cfg(feature = "cuda")]
+pub mod convert;
+#[cfg(feature = "cuda")]
 pub mod elementwise;
 #[cfg(feature = "cuda")]
 pub mod gemm;

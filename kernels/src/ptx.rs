@@ -26,6 +26,7 @@ pub const MODULES: &[PtxModule] = &[
     PtxModule { name: "loss", sm80: include_str!("../ptx/loss.ptx"), sm90a: None },
     PtxModule { name: "optim", sm80: include_str!("../ptx/optim.ptx"), sm90a: None },
     PtxModule { name: "nf4", sm80: include_str!("../ptx/nf4.ptx"), sm90a: None },
+    PtxModule { name: "convert", sm80: include_str!("../ptx/convert.ptx"), sm90a: None },
 ];
 
 /// The module called `name`.
