@@ -2,6 +2,11 @@
 // dropout, residual add). Each is a template over the activation type T (float or
 // __nv_bfloat16) with every computation in f32 and one rounding to T per stored value.
 //
+// gristmill: sm90a
+// The module is built twice: compute_80 for every GPU, and compute_90a, where the embedding
+// backward adds 16 bytes per atomic (the float4 atomicAdd of compute capability 9.x). Nothing
+// else differs between the two.
+//
 // Memory access. Data moves in 16-byte "chunks" (4 f32 or 8 bf16) with one vector load or store
 // each when the launcher says the pointers are 16-byte aligned and (for row-wise ops) the row
 // length is a multiple of the chunk (`vec` = 1); otherwise the same chunks are read element by
@@ -11,10 +16,14 @@
 // j = threadIdx.x + k·blockDim.x and keeps up to ROW_ITEMS of them in registers between the
 // reduction and the write, so a row is read from DRAM once; the launcher sizes the block
 // (32..ROW_THREADS threads, a multiple of 32) so a row fits, and chunks past ROW_ITEMS·blockDim.x
-// (rows wider than 16384 bf16 / 8192 f32) are read a second time, from L2.
+// (rows wider than 8192 bf16 / 4096 f32) are read a second time, from L2.
 //
-// Flat ops (RoPE, SwiGLU, dropout, add) are grid-stride loops over chunks, FLAT_THREADS threads a
-// block and at most one wave of blocks.
+// Flat ops (SwiGLU, dropout, add) are grid-stride loops over groups of U chunks a thread
+// (chunk j = g·blockDim.x·U + k·blockDim.x + threadIdx.x, k < U; U = FLAT_UNROLL, 1 for the
+// SwiGLU backward): all loads of a group are issued before the first use, so a thread keeps
+// U · 16 bytes of every input in flight. FLAT_THREADS threads a block, at most one wave of blocks
+// (the launcher asks the driver how many fit). RoPE is a grid-stride loop over one chunk of pairs
+// a thread.
 //
 // ---------------------------------------------------------------------------------------------
 // embedding_fwd_<T>(tokens: (M) u32, table: (V, C) T, out: (M, C) T, V, C, vec)
@@ -22,8 +31,13 @@
 //   Grid: M blocks (one a row); a plain copy, no arithmetic.
 //
 // embedding_bwd_<T>(tokens: (M) u32, dy: (M, C) T, dtable: (V, C) f32, V, C, vec)
-//   dtable[tokens[m]] += dy[m] for every m with tokens[m] < V, by f32 atomicAdd (repeated ids
-//   accumulate in an unspecified order). Grid: M blocks.
+//   dtable[tokens[m]] += dy[m] for every m with tokens[m] < V, by f32 atomics (repeated ids
+//   accumulate in an unspecified order). Grid: M blocks. The atomics of a warp instruction cover
+//   consecutive addresses, so that L2 sees whole 32-byte sectors: on compute_90a with vec (C a
+//   multiple of 4, dtable 16-byte and dy 4·sizeof(T)-byte aligned) a thread adds "quads" of 4
+//   elements q = threadIdx.x + k·blockDim.x with one 16-byte float4 atomic each; otherwise (and
+//   on compute_80) element j = threadIdx.x + k·blockDim.x gets one f32 atomic. Either way a
+//   thread loads ROW_ITEMS quads or elements before its first atomic.
 //
 // rmsnorm_fwd_<T>(x: (M, C) T, w: (C) f32, y: (M, C) T, rstd: (M) f32, C, eps, vec)
 //   rstd = 1 / sqrt(Σ x² · (1/C) + eps), y = w · (x · rstd) (HF's order), all in f32.
@@ -48,22 +62,30 @@
 // swiglu_bwd_<T>(g, u, dout, dg, du: (n) T, n, vec)
 //   du = dout · g · σ(g), dg = dout · u · σ(g) · (1 + g · (1 − σ(g))). Flat grid.
 //
-// dropout_fwd_<T>(x: (n) T, out: (n) T, n, seed, p, keep, vec)
+// dropout_fwd_<T>(x: (n) T, out: (n) T, n, key, cut, keep, vec)
 //   out[i] = x[i] · (u_i < p ? 0 : keep), keep = 1/(1 − p) computed by the host in f32, with the
 //   counter-based uniform of gristmill_core::ops::lora::dropout_uniform:
-//   u_i = (mix64(mix64(seed) + (i + 1)·γ) >> 40) · 2⁻²⁴, γ = 0x9E3779B97F4A7C15 (SplitMix64),
-//   so the CPU and the GPU drop the same elements. x · 0 (not a stored +0) keeps the bits of
-//   the reference's x · mask. Flat grid.
+//   u_i = (mix64(key + (i + 1)·γ) >> 40) · 2⁻²⁴, key = mix64(seed) (computed by the host),
+//   γ = 0x9E3779B97F4A7C15 (SplitMix64), so the CPU and the GPU drop the same elements.
+//   The test is exact in integers: with k = z >> 40 (z the 64-bit hash) and p·2²⁴ exact in f32,
+//   k·2⁻²⁴ < p ⇔ k < ⌈p·2²⁴⌉ ⇔ hi32(z) < ⌈p·2²⁴⌉·2⁸ = cut (host-computed, < 2³²). Only hi32(z)
+//   is needed: mix64's last step z ^ (z >> 31) leaves bits 40..63 unchanged, and the high word
+//   of the last 64-bit product takes one mul.hi and two 32-bit multiply-adds. x · 0 (not a
+//   stored +0) keeps the bits of the reference's x · mask. Flat grid.
 //
 // add_fwd_<T>(a: (n) T in place, b: (n) T, n, vec)
 //   a = T(a + b). Flat grid.
 // ---------------------------------------------------------------------------------------------
 #include "common.cuh"
 
-// Must equal ROW_ITEMS, ROW_THREADS and FLAT_THREADS in kernels/src/elementwise.rs.
-#define ROW_ITEMS 4
+// Must equal ROW_ITEMS, ROW_THREADS, FLAT_THREADS and FLAT_UNROLL in kernels/src/elementwise.rs.
+// Measured at M = C = 4096 bf16 on an H200: ROW_ITEMS 2 beats 4 and 8 (the smaller register cache
+// lets more blocks share an SM); FLAT_UNROLL 2 beats 1 and 4 for dropout, while SwiGLU's backward,
+// with three inputs in flight already, runs best at 1.
+#define ROW_ITEMS 2
 #define ROW_THREADS 512
 #define FLAT_THREADS 256
+#define FLAT_UNROLL 2
 
 namespace {
 
@@ -194,21 +216,55 @@ __device__ __forceinline__ void embedding_fwd(const uint32_t* __restrict__ token
     }
 }
 
+#if __CUDA_ARCH__ >= 900
+// Four consecutive elements of T at p (aligned to 4·sizeof(T)) as f32, for the float4 atomics.
+__device__ __forceinline__ float4 load_quad(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+__device__ __forceinline__ float4 load_quad(const __nv_bfloat16* p) {
+    const uint2 r = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xffff0000u), __uint_as_float(r.y << 16),
+                       __uint_as_float(r.y & 0xffff0000u));
+}
+#endif
+
 template <typename T>
 __device__ __forceinline__ void embedding_bwd(const uint32_t* __restrict__ tokens, const T* __restrict__ dy,
                                               float* __restrict__ dtable, int v, int c, bool vec) {
-    constexpr int N = Chunk<T>::N;
-    const int chunks = (c + N - 1) / N;
     const uint32_t id = tokens[blockIdx.x];
     if (id >= uint32_t(v)) return;
     const T* src = dy + size_t(blockIdx.x) * c;
     float* dst = dtable + size_t(id) * c;
-    for (int j = threadIdx.x; j < chunks; j += blockDim.x) {
-        float g[N];
-        load_f(src + j * N, c - j * N, vec, g);
+#if __CUDA_ARCH__ >= 900
+    if (vec) {
+        const int quads = c / 4;
+        for (int q0 = threadIdx.x; q0 < quads; q0 += ROW_ITEMS * blockDim.x) {
+            float4 g[ROW_ITEMS];
 #pragma unroll
-        for (int i = 0; i < N; ++i)
-            if (j * N + i < c) atomicAdd(dst + j * N + i, g[i]);
+            for (int k = 0; k < ROW_ITEMS; ++k) {
+                const int q = q0 + k * blockDim.x;
+                if (q < quads) g[k] = load_quad(src + 4 * q);
+            }
+#pragma unroll
+            for (int k = 0; k < ROW_ITEMS; ++k) {
+                const int q = q0 + k * blockDim.x;
+                if (q < quads) atomicAdd(reinterpret_cast<float4*>(dst + 4 * q), g[k]);
+            }
+        }
+        return;
+    }
+#endif
+    for (int j0 = threadIdx.x; j0 < c; j0 += ROW_ITEMS * blockDim.x) {
+        float g[ROW_ITEMS];
+#pragma unroll
+        for (int k = 0; k < ROW_ITEMS; ++k) {
+            const int j = j0 + k * blockDim.x;
+            if (j < c) g[k] = to_f32(src[j]);
+        }
+#pragma unroll
+        for (int k = 0; k < ROW_ITEMS; ++k) {
+            const int j = j0 + k * blockDim.x;
+            if (j < c) atomicAdd(dst + j, g[k]);
+        }
     }
 }
 
@@ -418,91 +474,133 @@ __device__ __forceinline__ float sigmoid(float g) {
     return (g >= 0.f ? 1.f : e) / (1.f + e);
 }
 
-#define FLAT_LOOP(n, N)                                                                                       \
-    for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x, units = (unsigned(n) + (N) - 1) / (N); j < units; \
-         j += gridDim.x * blockDim.x)
+// Chunk j of a flat op as the group loop below sees it: its first element, how many of its
+// elements are in bounds (≤ 0 past the end: nothing is read or written) and whether it is a whole
+// aligned chunk.
+struct FlatChunk {
+    size_t e;
+    int valid;
+    bool v;
+};
 
-template <typename T>
-__device__ __forceinline__ void swiglu_fwd(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
-                                           int n, bool vec) {
-    constexpr int N = Chunk<T>::N;
-    FLAT_LOOP(n, N) {
-        const size_t e = size_t(j) * N;
-        const int valid = n - int(e);
-        const bool v = vec && valid >= N;
-        float gf[N], uf[N];
-        load_f(g + e, valid, v, gf);
-        load_f(u + e, valid, v, uf);
+// Grid-stride loop over groups of U chunks of a thread; `body` gets the group's chunks.
+template <int N, int U, typename F> __device__ __forceinline__ void flat_loop(int n, bool vec, F body) {
+    const unsigned units = (unsigned(n) + N - 1) / N, step = gridDim.x * blockDim.x * U;
+    for (unsigned g = blockIdx.x * blockDim.x * U + threadIdx.x; g < units; g += step) {
+        FlatChunk ch[U];
 #pragma unroll
-        for (int i = 0; i < N; ++i) gf[i] = gf[i] * sigmoid(gf[i]) * uf[i];
-        store_f(out + e, gf, valid, v);
+        for (int k = 0; k < U; ++k) {
+            const size_t e = size_t(g + k * blockDim.x) * N;
+            const int valid = e < size_t(n) ? n - int(e) : 0;
+            ch[k] = FlatChunk{e, valid, vec && valid >= N};
+        }
+        body(ch);
     }
 }
 
-template <typename T>
+template <typename T, int U = FLAT_UNROLL>
+__device__ __forceinline__ void swiglu_fwd(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
+                                           int n, bool vec) {
+    constexpr int N = Chunk<T>::N;
+    flat_loop<N, U>(n, vec, [&](const FlatChunk* ch) {
+        uint4 gr[U], ur[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            gr[k] = load_chunk(g + ch[k].e, ch[k].valid, ch[k].v);
+            ur[k] = load_chunk(u + ch[k].e, ch[k].valid, ch[k].v);
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            float gf[N], uf[N];
+            Chunk<T>::unpack(gr[k], gf);
+            Chunk<T>::unpack(ur[k], uf);
+#pragma unroll
+            for (int i = 0; i < N; ++i) gf[i] = gf[i] * sigmoid(gf[i]) * uf[i];
+            store_f(out + ch[k].e, gf, ch[k].valid, ch[k].v);
+        }
+    });
+}
+
+template <typename T, int U = 1>
 __device__ __forceinline__ void swiglu_bwd(const T* __restrict__ g, const T* __restrict__ u,
                                            const T* __restrict__ dout, T* __restrict__ dg, T* __restrict__ du, int n,
                                            bool vec) {
     constexpr int N = Chunk<T>::N;
-    FLAT_LOOP(n, N) {
-        const size_t e = size_t(j) * N;
-        const int valid = n - int(e);
-        const bool v = vec && valid >= N;
-        float gf[N], uf[N], df[N];
-        load_f(g + e, valid, v, gf);
-        load_f(u + e, valid, v, uf);
-        load_f(dout + e, valid, v, df);
+    flat_loop<N, U>(n, vec, [&](const FlatChunk* ch) {
+        uint4 gr[U], ur[U], dr[U];
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-            const float s = sigmoid(gf[i]), d = df[i], gv = gf[i];
-            gf[i] = d * uf[i] * s * (1.f + gv * (1.f - s));
-            uf[i] = d * gv * s;
+        for (int k = 0; k < U; ++k) {
+            gr[k] = load_chunk(g + ch[k].e, ch[k].valid, ch[k].v);
+            ur[k] = load_chunk(u + ch[k].e, ch[k].valid, ch[k].v);
+            dr[k] = load_chunk(dout + ch[k].e, ch[k].valid, ch[k].v);
         }
-        store_f(dg + e, gf, valid, v);
-        store_f(du + e, uf, valid, v);
-    }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            float gf[N], uf[N], df[N];
+            Chunk<T>::unpack(gr[k], gf);
+            Chunk<T>::unpack(ur[k], uf);
+            Chunk<T>::unpack(dr[k], df);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float s = sigmoid(gf[i]), d = df[i], gv = gf[i];
+                gf[i] = d * uf[i] * s * (1.f + gv * (1.f - s));
+                uf[i] = d * gv * s;
+            }
+            store_f(dg + ch[k].e, gf, ch[k].valid, ch[k].v);
+            store_f(du + ch[k].e, uf, ch[k].valid, ch[k].v);
+        }
+    });
 }
 
 #define GOLDEN_GAMMA 0x9E3779B97F4A7C15ull
 
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+// The high 32 bits of mix64(ctr) (SplitMix64's finaliser): the last xor-shift by 31 leaves them
+// unchanged, and the last product's high word is mul.hi(lo, c) + lo·c_hi + hi·c_lo.
+__device__ __forceinline__ uint32_t mix64_hi(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+    z ^= z >> 27;
+    const uint32_t lo = uint32_t(z), hi = uint32_t(z >> 32);
+    constexpr uint32_t c_lo = 0x133111EBu, c_hi = 0x94D049BBu;
+    return __umulhi(lo, c_lo) + lo * c_hi + hi * c_lo;
 }
 
-template <typename T>
-__device__ __forceinline__ void dropout_fwd(const T* __restrict__ x, T* __restrict__ out, int n, uint64_t seed,
-                                            float p, float keep, bool vec) {
+template <typename T, int U = FLAT_UNROLL>
+__device__ __forceinline__ void dropout_fwd(const T* __restrict__ x, T* __restrict__ out, int n, uint64_t key,
+                                            uint32_t cut, float keep, bool vec) {
     constexpr int N = Chunk<T>::N;
-    const uint64_t key = mix64(seed);
-    FLAT_LOOP(n, N) {
-        const size_t e = size_t(j) * N;
-        const int valid = n - int(e);
-        const bool v = vec && valid >= N;
-        float xf[N];
-        load_f(x + e, valid, v, xf);
-        // key + (i + 1)·γ for i = e, e + 1, ...: one multiply a chunk, then additions.
-        uint64_t ctr = key + (uint64_t(e) + 1) * GOLDEN_GAMMA;
+    flat_loop<N, U>(n, vec, [&](const FlatChunk* ch) {
+        uint4 xr[U];
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-            const float uni = float(mix64(ctr) >> 40) * (1.f / 16777216.f);
-            xf[i] *= uni < p ? 0.f : keep;
-            ctr += GOLDEN_GAMMA;
+        for (int k = 0; k < U; ++k) xr[k] = load_chunk(x + ch[k].e, ch[k].valid, ch[k].v);
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            float xf[N];
+            Chunk<T>::unpack(xr[k], xf);
+            // key + (i + 1)·γ for i = e, e + 1, ...: one multiply a chunk, then additions.
+            uint64_t ctr = key + (uint64_t(ch[k].e) + 1) * GOLDEN_GAMMA;
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                xf[i] *= mix64_hi(ctr) < cut ? 0.f : keep;
+                ctr += GOLDEN_GAMMA;
+            }
+            store_f(out + ch[k].e, xf, ch[k].valid, ch[k].v);
         }
-        store_f(out + e, xf, valid, v);
-    }
+    });
 }
 
-template <typename T>
+template <typename T, int U = FLAT_UNROLL>
 __device__ __forceinline__ void add_fwd(T* __restrict__ a, const T* __restrict__ b, int n, bool vec) {
     constexpr int N = Chunk<T>::N;
-    FLAT_LOOP(n, N) {
-        const size_t e = size_t(j) * N;
-        const int valid = n - int(e);
-        const bool v = vec && valid >= N;
-        store_chunk(a + e, add_chunk<T>(load_chunk(a + e, valid, v), load_chunk(b + e, valid, v)), valid, v);
-    }
+    flat_loop<N, U>(n, vec, [&](const FlatChunk* ch) {
+        uint4 ar[U], br[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            ar[k] = load_chunk(a + ch[k].e, ch[k].valid, ch[k].v);
+            br[k] = load_chunk(b + ch[k].e, ch[k].valid, ch[k].v);
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) store_chunk(a + ch[k].e, add_chunk<T>(ar[k], br[k]), ch[k].valid, ch[k].v);
+    });
 }
 
 }  // namespace
@@ -542,9 +640,9 @@ __device__ __forceinline__ void add_fwd(T* __restrict__ a, const T* __restrict__
     FLAT_KERNEL void swiglu_bwd_##S(const T* g, const T* u, const T* dout, T* dg, T* du, int n, int vec) {        \
         swiglu_bwd<T>(g, u, dout, dg, du, n, vec != 0);                                                            \
     }                                                                                                              \
-    FLAT_KERNEL void dropout_fwd_##S(const T* x, T* out, int n, unsigned long long seed, float p, float keep,      \
+    FLAT_KERNEL void dropout_fwd_##S(const T* x, T* out, int n, unsigned long long key, unsigned cut, float keep,   \
                                      int vec) {                                                                    \
-        dropout_fwd<T>(x, out, n, seed, p, keep, vec != 0);                                                        \
+        dropout_fwd<T>(x, out, n, key, cut, keep, vec != 0);                                                       \
     }                                                                                                              \
     FLAT_KERNEL void add_fwd_##S(T* a, const T* b, int n, int vec) { add_fwd<T>(a, b, n, vec != 0); }
 

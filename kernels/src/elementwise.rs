@@ -4,24 +4,28 @@
 //! All are memory-bound. Data moves in 16-byte chunks (4 f32 or 8 bf16) with vector loads when
 //! every pointer is 16-byte aligned (and, for row-wise ops, rows are whole chunks); views at odd
 //! offsets and odd sizes take the element-by-element path of the same kernels. Row-wise ops run
-//! one block per row and read the row once; the others are grid-stride loops.
+//! one block per row and read the row once; the others are grid-stride loops of one wave, sized by
+//! the driver's occupancy figure for the kernel at hand. On Hopper the module's compute_90a build
+//! is loaded, whose embedding backward adds 16 bytes per atomic.
 
 use crate::Gpu;
 use crate::check::{self, BenchRow, Check, Work};
 use crate::error::{KernelError, Result, check_len, to_i32};
 use crate::launch::{Float, grid_rows, ptr, ptr_mut};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use gristmill_core::ops::{embedding, lora, rmsnorm, rope, swiglu};
+use gristmill_core::rng::mix64;
 
 const MODULE: &str = "elementwise";
 /// Chunks a thread of a row-wise kernel keeps in registers (ROW_ITEMS in elementwise.cu).
-const ROW_ITEMS: usize = 4;
+const ROW_ITEMS: usize = 2;
 /// Most threads of a row-wise block (ROW_THREADS, the kernels' launch bound).
 const ROW_THREADS: usize = 512;
 /// Threads of a flat kernel's block (FLAT_THREADS).
 const FLAT_THREADS: u32 = 256;
-/// Resident 256-thread blocks an SM holds at most: the flat grids stop at one wave of them.
-const FLAT_BLOCKS_PER_SM: usize = 8;
+/// Chunks a thread of the SwiGLU forward, dropout and add handles per loop iteration
+/// (FLAT_UNROLL); the SwiGLU backward handles one.
+const FLAT_UNROLL: usize = 2;
 
 /// Elements of `T` in a 16-byte chunk.
 fn lanes<T>() -> usize {
@@ -35,20 +39,36 @@ fn row_threads(c: usize, lanes: usize) -> u32 {
     per_thread.next_multiple_of(32).clamp(32, ROW_THREADS) as u32
 }
 
-/// Blocks of a flat kernel over `units` chunks: one chunk a thread, at most one wave.
-fn flat_blocks(units: usize, multiprocessors: usize) -> u32 {
-    units.div_ceil(FLAT_THREADS as usize).clamp(1, multiprocessors.max(1) * FLAT_BLOCKS_PER_SM) as u32
+/// Blocks of a flat kernel over `units` chunks, `per_thread` of them a thread: enough to cover
+/// them in one pass, at most `wave` (the blocks resident on the whole GPU at once).
+fn flat_blocks(units: usize, per_thread: usize, wave: usize) -> u32 {
+    let cover = units.div_ceil(FLAT_THREADS as usize * per_thread.max(1));
+    cover.clamp(1, wave.max(1)).min(u32::MAX as usize) as u32
 }
 
-fn flat_cfg(gpu: &Gpu, units: usize) -> LaunchConfig {
+/// One wave of `f`'s FLAT_THREADS-thread blocks, or fewer when they cover `units` chunks at
+/// `per_thread` a thread. The wave comes from the driver's occupancy figure for `f` (its
+/// registers decide how many blocks an SM holds): a grid-stride loop over a wave and a third
+/// waits for the last third as long as for a whole wave.
+fn flat_cfg(gpu: &Gpu, f: &CudaFunction, units: usize, per_thread: usize) -> Result<LaunchConfig> {
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(FLAT_THREADS, 0, None)?.max(1);
     let mp = usize::try_from(gpu.info().multiprocessors).unwrap_or(1);
-    LaunchConfig { grid_dim: (flat_blocks(units, mp), 1, 1), block_dim: (FLAT_THREADS, 1, 1), shared_mem_bytes: 0 }
+    let wave = mp.saturating_mul(per_sm as usize);
+    let blocks = flat_blocks(units, per_thread, wave);
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (FLAT_THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// Whether the vector path may be taken: every address 16-byte aligned and `len` (the row or
 /// head length the chunks tile) a multiple of the chunk.
 fn vec_ok(addrs: &[u64], len: usize, lanes: usize) -> i32 {
     i32::from(len.is_multiple_of(lanes) && addrs.iter().all(|a| a % 16 == 0))
+}
+
+/// Whether the embedding backward may add quads of 4 elements (float4 atomics on Hopper): C a
+/// multiple of 4, dtable 16-byte aligned and dy aligned to 4 of its elements, so that every row
+/// starts aligned too.
+fn quads_ok(dy: u64, dtable: u64, c: usize, elem: usize) -> i32 {
+    i32::from(c.is_multiple_of(4) && dtable.is_multiple_of(16) && dy.is_multiple_of(4 * elem as u64))
 }
 
 /// `a · b`, or a shape error when it overflows.
@@ -91,7 +111,7 @@ pub fn embedding_fwd<T: Float>(
 /// tokens: (M) u32; dy: (M, C); dtable: (V, C) f32, accumulated into.
 ///
 /// dtable[tokens[m]] += dy[m] (f32 atomics, so repeated ids sum in no fixed order); ids ≥ V are
-/// skipped.
+/// skipped. On Hopper, with C a multiple of 4 and aligned buffers, each atomic adds 4 elements.
 pub fn embedding_bwd<T: Float>(
     gpu: &Gpu,
     tokens: &impl DevicePtr<u32>,
@@ -110,12 +130,13 @@ pub fn embedding_bwd<T: Float>(
     }
     let f = gpu.function(MODULE, T::pick("embedding_bwd_f32", "embedding_bwd_bf16"))?;
     let (pt, pd, ptab) = (ptr(gpu, tokens), ptr(gpu, dy), ptr_mut(gpu, dtable));
-    let vec = vec_ok(&[pd], c, lanes::<T>());
+    let vec = quads_ok(pd, ptab, c, std::mem::size_of::<T>());
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&pt).arg(&pd).arg(&ptab).arg(&vi).arg(&ci).arg(&vec);
     // SAFETY: block m reads tokens[m] and row m of dy (M·C), and adds into row tokens[m] of
-    // dtable only when tokens[m] < V (dtable holds V·C).
-    unsafe { b.launch(grid_rows(m, row_threads(c, lanes::<T>()))) }?;
+    // dtable only when tokens[m] < V (dtable holds V·C); the quad path only with C a multiple of
+    // 4, dtable 16-byte and dy 4·sizeof(T)-byte aligned.
+    unsafe { b.launch(grid_rows(m, row_threads(c, 4))) }?;
     Ok(())
 }
 
@@ -280,7 +301,7 @@ fn rope<T: Float>(
     // SAFETY: each unit reads and writes up to a chunk of pairs (i, i + D/2) of one head of x
     // (N·H·D) and the matching entries of cos and sin (N·D/2 each), i < D/2 checked per element
     // off the vector path; vec only with aligned pointers and D/2 a multiple of the chunk.
-    unsafe { b.launch(flat_cfg(gpu, units)) }?;
+    unsafe { b.launch(flat_cfg(gpu, &f, units, 1)?) }?;
     Ok(())
 }
 
@@ -337,7 +358,7 @@ pub fn swiglu_fwd<T: Float>(
     b.arg(&pg).arg(&pu).arg(&po).arg(&n).arg(&vec);
     // SAFETY: the kernel reads n elements of g and u and writes n of out; all three hold n (the
     // last partial chunk goes element by element).
-    unsafe { b.launch(flat_cfg(gpu, g.len().div_ceil(lanes::<T>()))) }?;
+    unsafe { b.launch(flat_cfg(gpu, &f, g.len().div_ceil(lanes::<T>()), FLAT_UNROLL)?) }?;
     Ok(())
 }
 
@@ -368,7 +389,7 @@ pub fn swiglu_bwd<T: Float>(
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&pg).arg(&pu).arg(&pd).arg(&pdg).arg(&pdu).arg(&n).arg(&vec);
     // SAFETY: reads n elements of g, u and dout, writes n of dg and du; all five hold n.
-    unsafe { b.launch(flat_cfg(gpu, g.len().div_ceil(lanes::<T>()))) }?;
+    unsafe { b.launch(flat_cfg(gpu, &f, g.len().div_ceil(lanes::<T>()), 1)?) }?;
     Ok(())
 }
 
@@ -396,14 +417,23 @@ pub fn dropout_fwd<T: Float>(
     }
     // The reference's scale, computed in f32 the same way.
     let keep = 1.0f32 / (1.0 - p);
+    let (key, cut) = (mix64(seed), dropout_cut(p));
     let f = gpu.function(MODULE, T::pick("dropout_fwd_f32", "dropout_fwd_bf16"))?;
     let (px, po) = (ptr(gpu, x), ptr_mut(gpu, out));
     let vec = vec_ok(&[px, po], 0, 1);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&px).arg(&po).arg(&n).arg(&seed).arg(&p).arg(&keep).arg(&vec);
+    b.arg(&px).arg(&po).arg(&n).arg(&key).arg(&cut).arg(&keep).arg(&vec);
     // SAFETY: reads n elements of x and writes n of out; both hold n.
-    unsafe { b.launch(flat_cfg(gpu, x.len().div_ceil(lanes::<T>()))) }?;
+    unsafe { b.launch(flat_cfg(gpu, &f, x.len().div_ceil(lanes::<T>()), FLAT_UNROLL)?) }?;
     Ok(())
+}
+
+/// The kernel's integer form of `dropout_uniform(seed, i) < p`: u = k · 2⁻²⁴ with k = z >> 40 an
+/// integer, and p · 2²⁴ exact in f32, so u < p ⇔ k < ⌈p · 2²⁴⌉ ⇔ (z >> 32) < ⌈p · 2²⁴⌉ · 2⁸.
+/// p < 1 keeps the cut below 2³²: the largest f32 below 1 gives (2²⁴ − 1) · 2⁸.
+fn dropout_cut(p: f32) -> u32 {
+    let k = (f64::from(p) * f64::from(1u32 << 24)).ceil().clamp(0.0, f64::from((1u32 << 24) - 1));
+    (k as u32) << 8
 }
 
 /// a, b: (n) each.
@@ -422,7 +452,7 @@ pub fn add<T: Float>(gpu: &Gpu, a: &mut impl DevicePtrMut<T>, b: &impl DevicePtr
     let mut l = gpu.stream().launch_builder(&f);
     l.arg(&pa).arg(&pb).arg(&n).arg(&vec);
     // SAFETY: reads and writes n elements of a and reads n of b; both hold n.
-    unsafe { l.launch(flat_cfg(gpu, a.len().div_ceil(lanes::<T>()))) }?;
+    unsafe { l.launch(flat_cfg(gpu, &f, a.len().div_ceil(lanes::<T>()), FLAT_UNROLL)?) }?;
     Ok(())
 }
 
@@ -639,15 +669,15 @@ mod tests {
 
     #[test]
     fn row_blocks_hold_a_row_in_registers() {
-        // bf16 (8 a chunk): C = 4096 is 512 chunks, 4 a thread -> 128 threads.
-        assert_eq!(row_threads(4096, 8), 128);
-        // f32 (4 a chunk): 1024 chunks -> 256 threads.
-        assert_eq!(row_threads(4096, 4), 256);
-        // Tiny rows still get a whole warp; 576 bf16 = 72 chunks -> 18 -> 32.
+        // bf16 (8 a chunk): C = 4096 is 512 chunks, 2 a thread -> 256 threads.
+        assert_eq!(row_threads(4096, 8), 256);
+        // f32 (4 a chunk): 1024 chunks -> 512 threads.
+        assert_eq!(row_threads(4096, 4), 512);
+        // Tiny rows still get a whole warp; 576 bf16 = 72 chunks -> 36 -> 64.
         assert_eq!(row_threads(1, 8), 32);
-        assert_eq!(row_threads(576, 8), 32);
-        // 1000 f32 = 250 chunks -> 63 -> 64.
-        assert_eq!(row_threads(1000, 4), 64);
+        assert_eq!(row_threads(576, 8), 64);
+        // 1000 f32 = 250 chunks -> 125 -> 128.
+        assert_eq!(row_threads(1000, 4), 128);
         // Wider than ROW_THREADS · ROW_ITEMS chunks: capped, the rest is re-read.
         assert_eq!(row_threads(1 << 16, 4), 512);
         for c in [1, 7, 31, 33, 576, 1000, 4095, 8192, 16384] {
@@ -663,11 +693,55 @@ mod tests {
 
     #[test]
     fn flat_grids_stop_at_one_wave() {
-        assert_eq!(flat_blocks(0, 132), 1);
-        assert_eq!(flat_blocks(1, 132), 1);
-        assert_eq!(flat_blocks(257, 132), 2);
-        assert_eq!(flat_blocks(1 << 24, 132), 132 * 8);
-        assert_eq!(flat_blocks(1 << 24, 0), 8);
+        assert_eq!(flat_blocks(0, 1, 1056), 1);
+        assert_eq!(flat_blocks(1, 2, 1056), 1);
+        assert_eq!(flat_blocks(257, 1, 1056), 2);
+        assert_eq!(flat_blocks(513, 2, 1056), 2);
+        assert_eq!(flat_blocks(1 << 24, 2, 132 * 6), 132 * 6);
+        assert_eq!(flat_blocks(1 << 24, 2, 0), 1);
+    }
+
+    #[test]
+    fn embedding_quads_need_alignment_and_whole_quads() {
+        assert_eq!(quads_ok(0x1008, 0x2000, 4096, 2), 1);
+        assert_eq!(quads_ok(0x1004, 0x2000, 4096, 2), 0);
+        assert_eq!(quads_ok(0x1008, 0x2000, 4096, 4), 0);
+        assert_eq!(quads_ok(0x1010, 0x2000, 4096, 4), 1);
+        assert_eq!(quads_ok(0x1000, 0x2008, 4096, 4), 0);
+        assert_eq!(quads_ok(0x1000, 0x2000, 4098, 2), 0);
+    }
+
+    /// The device's dropout test, word for word in u32 arithmetic: the high word of SplitMix64's
+    /// finaliser (the last multiply from 32-bit pieces) against the cut.
+    fn device_dropped(key: u64, i: u64, cut: u32) -> bool {
+        use gristmill_core::rng::GOLDEN_GAMMA;
+        let mut z = key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z ^= z >> 27;
+        let (lo, hi) = (z as u32, (z >> 32) as u32);
+        let (c_lo, c_hi) = (0x1331_11EBu32, 0x94D0_49BBu32);
+        let mulhi = ((u64::from(lo) * u64::from(c_lo)) >> 32) as u32;
+        mulhi.wrapping_add(lo.wrapping_mul(c_hi)).wrapping_add(hi.wrapping_mul(c_lo)) < cut
+    }
+
+    #[test]
+    fn dropout_integer_test_equals_the_reference() {
+        let seed = 0x1234_5678_9abc_def0;
+        let us: Vec<f32> = (0..20_000u64).map(|i| lora::dropout_uniform(seed, i)).collect();
+        // Every u itself (not dropped: u < u is false) and its neighbours, the extremes and a few
+        // round figures.
+        let mut ps = vec![0.0, 1.0 / 16_777_216.0, 0.1, 0.25, 0.5, 0.9, 1.0 - 1.0 / 16_777_216.0];
+        for &u in us.iter().step_by(97) {
+            ps.extend([u, f32::from_bits(u.to_bits() + 1), u + 1.0 / 16_777_216.0]);
+        }
+        for p in ps.into_iter().filter(|p| (0.0..1.0).contains(p)) {
+            let cut = dropout_cut(p);
+            for (i, &u) in us.iter().enumerate() {
+                assert_eq!(device_dropped(mix64(seed), i as u64, cut), u < p, "p = {p:e}, i = {i}, u = {u:e}");
+            }
+        }
+        assert_eq!(dropout_cut(0.0), 0);
+        assert_eq!(dropout_cut(1.0 - 1.0 / 16_777_216.0), 0xffff_ff00);
     }
 
     #[test]

@@ -20,7 +20,11 @@ pub struct PtxModule {
 
 /// Every module, in load order.
 pub const MODULES: &[PtxModule] = &[
-    PtxModule { name: "elementwise", sm80: include_str!("../ptx/elementwise.ptx"), sm90a: None },
+    PtxModule {
+        name: "elementwise",
+        sm80: include_str!("../ptx/elementwise.ptx"),
+        sm90a: Some(include_str!("../ptx/elementwise.sm90a.ptx")),
+    },
     PtxModule { name: "gemm", sm80: include_str!("../ptx/gemm.ptx"), sm90a: None },
     PtxModule { name: "attention", sm80: include_str!("../ptx/attention.ptx"), sm90a: None },
     PtxModule { name: "loss", sm80: include_str!("../ptx/loss.ptx"), sm90a: None },

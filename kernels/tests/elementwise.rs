@@ -6,7 +6,9 @@
 
 mod common;
 
-use gristmill_core::ops::lora::dropout_mask_ref;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use gristmill_core::ops::lora::{dropout_mask_ref, dropout_uniform};
 use gristmill_core::ops::rope::{RopeConfig, RopeScaling, RopeTables, rope_bwd_ref, rope_fwd_ref, rope_tables};
 use gristmill_core::ops::{embedding, rmsnorm, swiglu};
 use gristmill_kernels::check::{rel_err, test_data};
@@ -38,7 +40,7 @@ const EMBEDDING_BWD_BF16: f64 = 1e-6;
 // The embedding forward (a copy), dropout and add are exact in both dtypes: compared bit for bit.
 
 /// (M, C): one element, a row shorter than a chunk, SmolLM's hidden size, a ragged row, Llama's
-/// hidden size, and rows wider than the register cache (16384 bf16 / 8192 f32 elements).
+/// hidden size, and rows wider than the register cache (8192 bf16 / 4096 f32 elements).
 const SHAPES: [(usize, usize); 7] = [(1, 1), (3, 7), (5, 576), (17, 1000), (64, 4096), (2, 8200), (2, 20000)];
 
 fn gpu() -> Gpu {
@@ -239,13 +241,70 @@ fn embedding_case<T: Float>(gpu: &Gpu, m: usize, v: usize, c: usize) {
     assert_close(&format!("{what} bwd"), &got, &want, tol::<T>(EMBEDDING_BWD_F32, EMBEDDING_BWD_BF16));
 }
 
+/// (M, V, C): C = 7 and 1002 are not whole quads (the one-element path on Hopper too), C = 1000,
+/// 4096 and 20000 are.
+const EMBEDDING_SHAPES: [(usize, usize, usize); 7] =
+    [(1, 1, 1), (3, 2, 7), (17, 5, 576), (40, 3, 1000), (33, 7, 1002), (64, 100, 4096), (9, 4, 20000)];
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn embedding_matches_reference_with_repeats_and_bad_ids() {
     let gpu = gpu();
-    for (m, v, c) in [(1, 1, 1), (3, 2, 7), (17, 5, 576), (40, 3, 1000), (64, 100, 4096), (9, 4, 20000)] {
+    for (m, v, c) in EMBEDDING_SHAPES {
         embedding_case::<f32>(&gpu, m, v, c);
         embedding_case::<bf16>(&gpu, m, v, c);
+    }
+}
+
+/// dtable after the compute_80 build's embedding_bwd_<T> (one f32 atomic an element) adds dy into
+/// `prior`: launched by hand, as the launcher does, since a Hopper loads the compute_90a build.
+fn embedding_bwd_compute_80<T: Float>(
+    gpu: &Gpu,
+    ids: &[u32],
+    dy: &[f32],
+    prior: &[f32],
+    v: usize,
+    c: usize,
+) -> Vec<f32> {
+    let m = gristmill_kernels::ptx::module("elementwise").unwrap();
+    let module = gpu.context().load_module(Ptx::from_src(m.sm80)).unwrap();
+    let f = module.load_function(T::pick("embedding_bwd_f32", "embedding_bwd_bf16")).unwrap();
+    let (idd, dyd, mut dtab) = (gpu.upload(ids).unwrap(), up::<T>(gpu, dy), gpu.upload(prior).unwrap());
+    let (vi, ci, vec) = (v as i32, c as i32, 1i32);
+    let (pi, pd) = (idd.device_ptr(gpu.stream()).0, dyd.device_ptr(gpu.stream()).0);
+    let pt = gristmill_kernels::DevicePtrMut::device_ptr_mut(&mut dtab, gpu.stream()).0;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&pi).arg(&pd).arg(&pt).arg(&vi).arg(&ci).arg(&vec);
+    let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the launcher's contract: block m reads ids[m] and row m of dy (M·C) and adds into
+    // row ids[m] < V of dtable (V·C); all buffers hold what they should.
+    unsafe { b.launch(cfg) }.unwrap();
+    gpu.download(&dtab).unwrap()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embedding_bwd_compute_80_build_matches_reference() {
+    let gpu = gpu();
+    for (m, v, c) in EMBEDDING_SHAPES {
+        for bf in [false, true] {
+            let ids: Vec<u32> =
+                (0..m).map(|i| if i % 5 == 4 { (v + i) as u32 } else { ((i * 7) % v) as u32 }).collect();
+            let dy = if bf { data::<bf16>(m * c, 13, 1.0) } else { data::<f32>(m * c, 13, 1.0) };
+            let prior = test_data(v * c, 14, 0.25);
+            let got = match bf {
+                true => embedding_bwd_compute_80::<bf16>(&gpu, &ids, &dy, &prior, v, c),
+                false => embedding_bwd_compute_80::<f32>(&gpu, &ids, &dy, &prior, v, c),
+            };
+            let mut want = prior.clone();
+            for (i, &id) in ids.iter().enumerate().filter(|(_, id)| (**id as usize) < v) {
+                for j in 0..c {
+                    want[id as usize * c + j] += dy[i * c + j];
+                }
+            }
+            let t = if bf { EMBEDDING_BWD_BF16 } else { EMBEDDING_BWD_F32 };
+            assert_close(&format!("embedding_bwd compute_80 bf16={bf} M={m} V={v} C={c}"), &got, &want, t);
+        }
     }
 }
 
@@ -361,6 +420,25 @@ fn dropout_matches_the_cpu_mask_bit_for_bit() {
     dropout_case::<f32>(&gpu, 100_000, 3, 0.25);
 }
 
+/// The kernel compares integers where the reference compares u < p in f32: p equal to some
+/// element's u (kept: u < u is false), one f32 ulp and one 2⁻²⁴ step above it (dropped), and the
+/// extreme p (the smallest step, the largest f32 below 1) must drop exactly the same elements.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn dropout_threshold_is_exact_at_the_boundaries() {
+    let gpu = gpu();
+    let (n, seed) = (5000, 0xdead_beef);
+    let mut ps = vec![1.0 / 16_777_216.0, 1.0 - 1.0 / 16_777_216.0];
+    for i in [0u64, 1, 17, 4095, 4999] {
+        let u = dropout_uniform(seed, i);
+        ps.extend([u, f32::from_bits(u.to_bits() + 1), u + 1.0 / 16_777_216.0]);
+    }
+    for p in ps.into_iter().filter(|p| (0.0..1.0).contains(p)) {
+        dropout_case::<f32>(&gpu, n, seed, p);
+        dropout_case::<bf16>(&gpu, n, seed, p);
+    }
+}
+
 fn add_case<T: Float>(gpu: &Gpu, n: usize) {
     let a = data::<T>(n, 20, 3.0);
     let b = data::<T>(n, 21, 1.0);
@@ -465,19 +543,32 @@ fn self_test_passes() {
     }
 }
 
-/// Prints every kernel's rate next to a device-to-device copy of the same size (run with
-/// --nocapture to see it).
+/// GB/s of a device-to-device copy of `bytes` (read plus written).
+fn copy_rate(gpu: &Gpu, bytes: usize) -> f64 {
+    let src = gpu.zeros::<u8>(bytes).unwrap();
+    let mut dst = gpu.zeros::<u8>(bytes).unwrap();
+    let s =
+        gristmill_kernels::check::time_median(gpu, 5, 20, || Ok(gpu.stream().memcpy_dtod(&src, &mut dst)?)).unwrap();
+    let rate = 2.0 * bytes as f64 / s / 1e9;
+    println!(
+        "{:<22} {:<26} {:>9.1} us {:>8.0} GB/s",
+        "memcpy_dtod (ref)",
+        format!("{} MiB", bytes >> 20),
+        s * 1e6,
+        rate
+    );
+    rate
+}
+
+/// Prints every kernel's rate next to a device-to-device copy of 512 MiB, the reference of
+/// `gristmill bench kernels` (run with --nocapture to see it). A 32 MiB copy, the size of one
+/// activation, is printed too: it partly stays in L2.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn bench_reports_rates() {
     let gpu = gpu();
-    let n = 4096 * 4096;
-    let src = gpu.zeros::<bf16>(n).unwrap();
-    let mut dst = gpu.zeros::<bf16>(n).unwrap();
-    let s =
-        gristmill_kernels::check::time_median(&gpu, 5, 20, || Ok(gpu.stream().memcpy_dtod(&src, &mut dst)?)).unwrap();
-    let copy = 2.0 * (n * 2) as f64 / s / 1e9;
-    println!("{:<22} {:<26} {:>9.1} us {:>8.0} GB/s", "memcpy_dtod (ref)", "32 MiB", s * 1e6, copy);
+    copy_rate(&gpu, 32 << 20);
+    let copy = copy_rate(&gpu, 512 << 20);
     for r in gristmill_kernels::elementwise::bench(&gpu).unwrap() {
         let (rate, unit) = r.rate();
         println!(
