@@ -107,6 +107,7 @@ fn put(dst: &mut Vec<f32>, src: Vec<f32>, accumulate: bool) {
 
 impl Backend for CpuBackend<'_> {
     type Buf = Vec<f32>;
+    type Stat = Vec<f32>;
     type Saved = LinSaved;
     type Grads = LoraGrads;
     type Batch = CpuBatch;

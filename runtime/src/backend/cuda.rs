@@ -1,6 +1,9 @@
 //! The CUDA backend: the model's weights resident on one GPU and every op one of our kernels
-//! (gristmill-kernels). Activations are f32 for now — the NF4 and attention kernels that take
-//! bf16 replace the stand-ins used here (dequantize + GEMM, a simple attention) in later work.
+//! (gristmill-kernels). `CudaBackend<T>` keeps activations, dense weights, the embedding table
+//! and the KV cache in T — bf16 for speed, f32 to match the CPU to f32 rounding — while norms'
+//! weights, per-row statistics (rstd, log-sum-exp), logits, LoRA master weights and gradients are
+//! f32. NF4 linear layers go through dequantize + GEMM and attention through the simple kernel
+//! until the fused NF4 and flash kernels replace them.
 //!
 //! LoRA parameters live in ONE flat f32 buffer (per adapted module: A (r, K) then B (N, r), in
 //! [`crate::train::step::lora_slots`] order — the order of `LoraGrads::buffers_mut` and of the
@@ -16,6 +19,8 @@ use gristmill_core::ops::attention::AttnShape;
 use gristmill_core::ops::cross_entropy::IGNORE_INDEX;
 use gristmill_core::ops::rope::rope_tables;
 use gristmill_core::rng::mix64;
+use gristmill_kernels::Float;
+use gristmill_kernels::convert::cast;
 use gristmill_kernels::gemm::{Layout, Nf4Weight, gemm, nf4_matmul_nn, nf4_matmul_nt};
 use gristmill_kernels::{Gpu, attention as attn, elementwise as ew, loss, optim};
 use std::sync::Arc;
@@ -24,9 +29,9 @@ use std::sync::Arc;
 const CE_LOGITS: usize = 1 << 26;
 
 /// A frozen linear weight on the GPU.
-enum GpuWeight {
-    /// (N, K) f32
-    Dense(CudaSlice<f32>),
+enum GpuWeight<T> {
+    /// (N, K)
+    Dense(CudaSlice<T>),
     Nf4(Nf4Weight),
 }
 
@@ -40,41 +45,43 @@ struct LoraSlot {
     scale: f32,
 }
 
-struct GpuLinear {
-    weight: GpuWeight,
+struct GpuLinear<T> {
+    weight: GpuWeight<T>,
     /// (N)
-    bias: Option<CudaSlice<f32>>,
+    bias: Option<CudaSlice<T>>,
     lora: Option<LoraSlot>,
     n: usize,
     k: usize,
 }
 
-struct GpuLayer {
+struct GpuLayer<T> {
     attn_norm: CudaSlice<f32>,
     mlp_norm: CudaSlice<f32>,
-    lin: [GpuLinear; 7],
+    lin: [GpuLinear<T>; 7],
 }
 
-/// The model on one GPU.
-pub struct CudaBackend {
+/// The model on one GPU, with activations in T.
+pub struct CudaBackend<T: Float = f32> {
     gpu: Arc<Gpu>,
     cfg: ModelConfig,
     /// (V, C)
-    embed: CudaSlice<f32>,
-    layers: Vec<GpuLayer>,
+    embed: CudaSlice<T>,
+    layers: Vec<GpuLayer<T>>,
     /// (C)
     norm: CudaSlice<f32>,
     /// None when tied to the embeddings.
-    lm_head: Option<GpuLinear>,
-    /// Every LoRA factor, flat (see the module's doc).
+    lm_head: Option<GpuLinear<T>>,
+    /// Every LoRA factor, flat (see the module's doc): the f32 master copy the optimizer updates.
     lora: CudaSlice<f32>,
+    /// The same in T, what the products read; [`CudaBackend::refresh_lora`] after every update.
+    lora_t: CudaSlice<T>,
     /// Host-side layout of `lora`: (offset, len) per buffer, A then B per slot.
     lora_layout: Vec<(usize, usize)>,
     /// (M) of ones, for broadcasting biases through a rank-1 GEMM; grown on demand.
-    ones: std::sync::Mutex<Option<CudaSlice<f32>>>,
+    ones: std::sync::Mutex<Option<CudaSlice<T>>>,
 }
 
-impl std::fmt::Debug for CudaBackend {
+impl<T: Float> std::fmt::Debug for CudaBackend<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaBackend({:?}, {} layers)", self.gpu, self.layers.len())
     }
@@ -86,11 +93,11 @@ pub struct GpuGrads {
 }
 
 /// What a linear layer keeps for its backward.
-pub struct GpuSaved {
+pub struct GpuSaved<T> {
     /// u = (x∘mask) Aᵀ: (M, r)
-    u: Option<CudaSlice<f32>>,
+    u: Option<CudaSlice<T>>,
     /// x∘mask: (M, K) when dropout is on.
-    xd: Option<CudaSlice<f32>>,
+    xd: Option<CudaSlice<T>>,
     /// The dropout seed of this module, to mask the input gradient the same way.
     drop: Option<(u64, f32)>,
 }
@@ -110,9 +117,9 @@ pub struct GpuBatch {
 }
 
 /// Keys and values of past positions, per layer: (capacity, Hkv, D) each, `len` filled.
-pub struct GpuCache {
-    k: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
+pub struct GpuCache<T> {
+    k: Vec<CudaSlice<T>>,
+    v: Vec<CudaSlice<T>>,
     cap: usize,
     len: usize,
 }
@@ -121,16 +128,22 @@ fn up<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>>
     Ok(gpu.upload(v)?)
 }
 
-fn upload_linear(gpu: &Gpu, lin: &Linear, slot: Option<LoraSlot>) -> Result<GpuLinear> {
+/// `v` converted to T on the host and uploaded.
+fn up_t<T: Float>(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<T>> {
+    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    Ok(gpu.upload(&host)?)
+}
+
+fn upload_linear<T: Float>(gpu: &Gpu, lin: &Linear, slot: Option<LoraSlot>) -> Result<GpuLinear<T>> {
     let weight = match &lin.weight {
-        Weight::Dense(w) => GpuWeight::Dense(up(gpu, w)?),
+        Weight::Dense(w) => GpuWeight::Dense(up_t(gpu, w)?),
         Weight::Nf4(w) => GpuWeight::Nf4(Nf4Weight::upload(gpu, w)?),
     };
-    let bias = lin.bias.as_ref().map(|b| up(gpu, b)).transpose()?;
+    let bias = lin.bias.as_ref().map(|b| up_t(gpu, b)).transpose()?;
     Ok(GpuLinear { weight, bias, lora: slot, n: lin.n, k: lin.k })
 }
 
-impl CudaBackend {
+impl<T: Float> CudaBackend<T> {
     /// Uploads `model` (frozen weights as they are held: dense f32 or NF4; LoRA factors into the
     /// flat buffer).
     pub fn new(gpu: Arc<Gpu>, model: &LlamaModel) -> Result<Self> {
@@ -152,18 +165,23 @@ impl CudaBackend {
                 });
                 lins.push(upload_linear(&gpu, lin, slot)?);
             }
-            let lin: [GpuLinear; 7] =
+            let lin: [GpuLinear<T>; 7] =
                 lins.try_into().map_err(|_| Error::Invalid("a layer has seven linear layers".into()))?;
             layers.push(GpuLayer { attn_norm: up(&gpu, &l.attn_norm)?, mlp_norm: up(&gpu, &l.mlp_norm)?, lin });
         }
         let lm_head = model.lm_head.as_ref().map(|h| upload_linear(&gpu, h, None)).transpose()?;
-        let lora = if host_lora.is_empty() { gpu.zeros(1)? } else { up(&gpu, &host_lora)? };
+        if host_lora.is_empty() {
+            host_lora.push(0.0);
+        }
+        let lora = up(&gpu, &host_lora)?;
+        let lora_t = up_t(&gpu, &host_lora)?;
         Ok(Self {
-            embed: up(&gpu, &model.embed)?,
+            embed: up_t(&gpu, &model.embed)?,
             norm: up(&gpu, &model.norm)?,
             layers,
             lm_head,
             lora,
+            lora_t,
             lora_layout,
             cfg,
             gpu,
@@ -183,6 +201,12 @@ impl CudaBackend {
     /// The flat LoRA parameters (for the optimizer).
     pub fn lora_params_mut(&mut self) -> &mut CudaSlice<f32> {
         &mut self.lora
+    }
+
+    /// Copies the f32 master LoRA factors into the T copy the products read.
+    pub fn refresh_lora(&mut self) -> Result<()> {
+        cast::<f32, T>(&self.gpu, &self.lora, &mut self.lora_t)?;
+        Ok(())
     }
 
     /// Zeroed gradients in the LoRA layout.
@@ -239,10 +263,10 @@ impl CudaBackend {
             }
         }
         self.gpu.upload_into(&host, &mut self.lora)?;
-        Ok(())
+        self.refresh_lora()
     }
 
-    fn lin(&self, layer: usize, p: Proj) -> Result<&GpuLinear> {
+    fn lin(&self, layer: usize, p: Proj) -> Result<&GpuLinear<T>> {
         self.layers
             .get(layer)
             .map(|l| &l.lin[p as usize])
@@ -258,15 +282,15 @@ impl CudaBackend {
         })
     }
 
-    fn view(&self, off: usize, len: usize) -> CudaView<'_, f32> {
-        self.lora.slice(off..off + len)
+    fn view(&self, off: usize, len: usize) -> CudaView<'_, T> {
+        self.lora_t.slice(off..off + len)
     }
 
     /// y (M, N) = x Wᵀ (+ beta·y).
-    fn base_fwd(&self, lin: &GpuLinear, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, m: usize) -> Result<()> {
+    fn base_fwd(&self, lin: &GpuLinear<T>, x: &CudaSlice<T>, y: &mut CudaSlice<T>, m: usize) -> Result<()> {
         match &lin.weight {
-            GpuWeight::Dense(w) => gemm::<f32, f32>(&self.gpu, Layout::NT, m, lin.n, lin.k, x, w, y, 1.0, 0.0)?,
-            GpuWeight::Nf4(w) => nf4_matmul_nt::<f32>(&self.gpu, x, w, y, m, 1.0, 0.0)?,
+            GpuWeight::Dense(w) => gemm::<T, T>(&self.gpu, Layout::NT, m, lin.n, lin.k, x, w, y, 1.0, 0.0)?,
+            GpuWeight::Nf4(w) => nf4_matmul_nt::<T>(&self.gpu, x, w, y, m, 1.0, 0.0)?,
         }
         if let Some(b) = &lin.bias {
             self.add_bias(y, b, m, lin.n)?;
@@ -275,66 +299,71 @@ impl CudaBackend {
     }
 
     /// y (M, N) += 1 (M, 1) · bias (1, N).
-    fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, m: usize, n: usize) -> Result<()> {
+    fn add_bias(&self, y: &mut CudaSlice<T>, bias: &CudaSlice<T>, m: usize, n: usize) -> Result<()> {
         let mut ones = self.ones.lock().map_err(|_| Error::Invalid("bias buffer poisoned".into()))?;
         if ones.as_ref().is_none_or(|o| o.len() < m) {
-            *ones = Some(up(&self.gpu, &vec![1f32; m.next_power_of_two()])?);
+            *ones = Some(up_t(&self.gpu, &vec![1f32; m.next_power_of_two()])?);
         }
         let Some(o) = ones.as_ref() else { return Err(Error::Invalid("bias buffer missing".into())) };
-        gemm::<f32, f32>(&self.gpu, Layout::NN, m, n, 1, &o.slice(0..m), bias, y, 1.0, 1.0)?;
+        gemm::<T, T>(&self.gpu, Layout::NN, m, n, 1, &o.slice(0..m), bias, y, 1.0, 1.0)?;
         Ok(())
     }
 
     /// dx (M, K) = dy W (+ beta·dx).
     fn base_bwd(
         &self,
-        lin: &GpuLinear,
-        dy: &CudaSlice<f32>,
-        dx: &mut CudaSlice<f32>,
+        lin: &GpuLinear<T>,
+        dy: &CudaSlice<T>,
+        dx: &mut CudaSlice<T>,
         m: usize,
         beta: f32,
     ) -> Result<()> {
         match &lin.weight {
-            GpuWeight::Dense(w) => gemm::<f32, f32>(&self.gpu, Layout::NN, m, lin.k, lin.n, dy, w, dx, 1.0, beta)?,
-            GpuWeight::Nf4(w) => nf4_matmul_nn::<f32>(&self.gpu, dy, w, dx, m, 1.0, beta)?,
+            GpuWeight::Dense(w) => gemm::<T, T>(&self.gpu, Layout::NN, m, lin.k, lin.n, dy, w, dx, 1.0, beta)?,
+            GpuWeight::Nf4(w) => nf4_matmul_nn::<T>(&self.gpu, dy, w, dx, m, 1.0, beta)?,
         }
         Ok(())
     }
 
-    /// The LM head's weight (V, C) product: logits (n, V) = h Wᵀ.
-    fn head_fwd(&self, h: &impl DevicePtr<f32>, logits: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+    /// The LM head's weight (V, C) product: logits (n, V) f32 = h Wᵀ.
+    fn head_fwd(&self, h: &impl DevicePtr<T>, logits: &mut CudaSlice<f32>, n: usize) -> Result<()> {
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         match &self.lm_head {
-            None => gemm::<f32, f32>(&self.gpu, Layout::NT, n, v, c, h, &self.embed, logits, 1.0, 0.0)?,
+            None => gemm::<T, f32>(&self.gpu, Layout::NT, n, v, c, h, &self.embed, logits, 1.0, 0.0)?,
             Some(lin) => match &lin.weight {
-                GpuWeight::Dense(w) => gemm::<f32, f32>(&self.gpu, Layout::NT, n, v, c, h, w, logits, 1.0, 0.0)?,
-                GpuWeight::Nf4(w) => nf4_matmul_nt::<f32>(&self.gpu, h, w, logits, n, 1.0, 0.0)?,
+                GpuWeight::Dense(w) => gemm::<T, f32>(&self.gpu, Layout::NT, n, v, c, h, w, logits, 1.0, 0.0)?,
+                GpuWeight::Nf4(w) => {
+                    // The NF4 products give T; the loss reads f32.
+                    let mut lt = self.gpu.alloc::<T>(n * v)?;
+                    nf4_matmul_nt::<T>(&self.gpu, h, w, &mut lt, n, 1.0, 0.0)?;
+                    cast::<T, f32>(&self.gpu, &lt, logits)?;
+                }
             },
         }
         Ok(())
     }
 
-    /// dh (n, C) = dlogits W.
-    fn head_bwd(&self, dlogits: &CudaSlice<f32>, dh: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+    /// dh (n, C) = dlogits W, dlogits (n, V) in T.
+    fn head_bwd(&self, dlogits: &CudaSlice<T>, dh: &mut CudaSlice<T>, n: usize) -> Result<()> {
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         match &self.lm_head {
-            None => gemm::<f32, f32>(&self.gpu, Layout::NN, n, c, v, dlogits, &self.embed, dh, 1.0, 0.0)?,
+            None => gemm::<T, T>(&self.gpu, Layout::NN, n, c, v, dlogits, &self.embed, dh, 1.0, 0.0)?,
             Some(lin) => match &lin.weight {
-                GpuWeight::Dense(w) => gemm::<f32, f32>(&self.gpu, Layout::NN, n, c, v, dlogits, w, dh, 1.0, 0.0)?,
-                GpuWeight::Nf4(w) => nf4_matmul_nn::<f32>(&self.gpu, dlogits, w, dh, n, 1.0, 0.0)?,
+                GpuWeight::Dense(w) => gemm::<T, T>(&self.gpu, Layout::NN, n, c, v, dlogits, w, dh, 1.0, 0.0)?,
+                GpuWeight::Nf4(w) => nf4_matmul_nn::<T>(&self.gpu, dlogits, w, dh, n, 1.0, 0.0)?,
             },
         }
         Ok(())
     }
 
-    fn grow_cache(&self, cache: &mut GpuCache, need: usize) -> Result<()> {
+    fn grow_cache(&self, cache: &mut GpuCache<T>, need: usize) -> Result<()> {
         if need <= cache.cap {
             return Ok(());
         }
         let row = self.cfg.num_kv_heads * self.cfg.head_dim;
         let cap = need.next_power_of_two().max(256).min(self.cfg.max_position_embeddings.max(need));
         for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
-            let mut bigger = self.gpu.zeros::<f32>(cap * row)?;
+            let mut bigger = self.gpu.zeros::<T>(cap * row)?;
             if cache.len > 0 {
                 let n = cache.len * row;
                 self.gpu.stream().memcpy_dtod(&buf.slice(0..n), &mut bigger.slice_mut(0..n)).map_err(gpu_err)?;
@@ -350,12 +379,13 @@ fn gpu_err(e: cudarc::driver::DriverError) -> Error {
     Error::Gpu(gristmill_kernels::KernelError::Driver(e))
 }
 
-impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
-    type Saved = GpuSaved;
+impl<T: Float> Backend for CudaBackend<T> {
+    type Buf = CudaSlice<T>;
+    type Stat = CudaSlice<f32>;
+    type Saved = GpuSaved<T>;
     type Grads = GpuGrads;
     type Batch = GpuBatch;
-    type Cache = GpuCache;
+    type Cache = GpuCache<T>;
 
     fn cfg(&self) -> &ModelConfig {
         &self.cfg
@@ -374,46 +404,46 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn embed(&self, b: &GpuBatch) -> Result<CudaSlice<f32>> {
+    fn embed(&self, b: &GpuBatch) -> Result<CudaSlice<T>> {
         let (v, c) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        let mut x = self.gpu.alloc::<f32>(b.b * b.t * c)?;
-        ew::embedding_fwd::<f32>(&self.gpu, &b.tokens, &self.embed, &mut x, v, c)?;
+        let mut x = self.gpu.alloc::<T>(b.b * b.t * c)?;
+        ew::embedding_fwd::<T>(&self.gpu, &b.tokens, &self.embed, &mut x, v, c)?;
         Ok(x)
     }
 
-    fn norm(&self, x: &CudaSlice<f32>, n: Norm, m: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    fn norm(&self, x: &CudaSlice<T>, n: Norm, m: usize) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
         let c = self.cfg.hidden_size;
-        let (mut y, mut rstd) = (self.gpu.alloc::<f32>(m * c)?, self.gpu.alloc::<f32>(m)?);
-        ew::rmsnorm_fwd::<f32>(&self.gpu, x, self.norm_w(n)?, &mut y, &mut rstd, m, c, self.cfg.rms_norm_eps)?;
+        let (mut y, mut rstd) = (self.gpu.alloc::<T>(m * c)?, self.gpu.alloc::<f32>(m)?);
+        ew::rmsnorm_fwd::<T>(&self.gpu, x, self.norm_w(n)?, &mut y, &mut rstd, m, c, self.cfg.rms_norm_eps)?;
         Ok((y, rstd))
     }
 
     fn add_norm(
         &self,
-        x: &mut CudaSlice<f32>,
-        delta: &CudaSlice<f32>,
+        x: &mut CudaSlice<T>,
+        delta: &CudaSlice<T>,
         n: Norm,
         m: usize,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
         let c = self.cfg.hidden_size;
-        let (mut y, mut rstd) = (self.gpu.alloc::<f32>(m * c)?, self.gpu.alloc::<f32>(m)?);
+        let (mut y, mut rstd) = (self.gpu.alloc::<T>(m * c)?, self.gpu.alloc::<f32>(m)?);
         let w = self.norm_w(n)?;
-        ew::add_rmsnorm_fwd::<f32>(&self.gpu, x, delta, w, &mut y, &mut rstd, m, c, self.cfg.rms_norm_eps)?;
+        ew::add_rmsnorm_fwd::<T>(&self.gpu, x, delta, w, &mut y, &mut rstd, m, c, self.cfg.rms_norm_eps)?;
         Ok((y, rstd))
     }
 
     fn norm_bwd(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         n: Norm,
         rstd: &CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        dx: &mut CudaSlice<f32>,
+        dy: &CudaSlice<T>,
+        dx: &mut CudaSlice<T>,
         m: usize,
         accumulate: bool,
     ) -> Result<()> {
         let c = self.cfg.hidden_size;
-        ew::rmsnorm_bwd::<f32>(&self.gpu, x, self.norm_w(n)?, rstd, dy, dx, m, c, accumulate)?;
+        ew::rmsnorm_bwd::<T>(&self.gpu, x, self.norm_w(n)?, rstd, dy, dx, m, c, accumulate)?;
         Ok(())
     }
 
@@ -421,13 +451,13 @@ impl Backend for CudaBackend {
         &self,
         layer: usize,
         p: Proj,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
         m: usize,
         train: bool,
         drop: Option<Dropout>,
-    ) -> Result<(CudaSlice<f32>, GpuSaved)> {
+    ) -> Result<(CudaSlice<T>, GpuSaved<T>)> {
         let lin = self.lin(layer, p)?;
-        let mut y = self.gpu.alloc::<f32>(m * lin.n)?;
+        let mut y = self.gpu.alloc::<T>(m * lin.n)?;
         self.base_fwd(lin, x, &mut y, m)?;
         let none = GpuSaved { u: None, xd: None, drop: None };
         let Some(slot) = lin.lora else { return Ok((y, none)) };
@@ -438,15 +468,15 @@ impl Backend for CudaBackend {
         };
         let xd = match drop {
             Some((seed, pr)) => {
-                let mut xd = self.gpu.alloc::<f32>(m * lin.k)?;
-                ew::dropout_fwd::<f32>(&self.gpu, x, &mut xd, seed, pr)?;
+                let mut xd = self.gpu.alloc::<T>(m * lin.k)?;
+                ew::dropout_fwd::<T>(&self.gpu, x, &mut xd, seed, pr)?;
                 Some(xd)
             }
             None => None,
         };
-        let mut u = self.gpu.alloc::<f32>(m * slot.r)?;
-        gemm::<f32, f32>(&self.gpu, Layout::NT, m, slot.r, lin.k, xd.as_ref().unwrap_or(x), &a, &mut u, 1.0, 0.0)?;
-        gemm::<f32, f32>(&self.gpu, Layout::NT, m, lin.n, slot.r, &u, &b, &mut y, slot.scale, 1.0)?;
+        let mut u = self.gpu.alloc::<T>(m * slot.r)?;
+        gemm::<T, T>(&self.gpu, Layout::NT, m, slot.r, lin.k, xd.as_ref().unwrap_or(x), &a, &mut u, 1.0, 0.0)?;
+        gemm::<T, T>(&self.gpu, Layout::NT, m, lin.n, slot.r, &u, &b, &mut y, slot.scale, 1.0)?;
         Ok((y, if train { GpuSaved { u: Some(u), xd, drop } } else { none }))
     }
 
@@ -454,12 +484,12 @@ impl Backend for CudaBackend {
         &self,
         layer: usize,
         p: Proj,
-        x: &CudaSlice<f32>,
-        saved: &GpuSaved,
-        dy: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
+        saved: &GpuSaved<T>,
+        dy: &CudaSlice<T>,
         m: usize,
         grads: &mut GpuGrads,
-        dx: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
         accumulate: bool,
     ) -> Result<()> {
         let lin = self.lin(layer, p)?;
@@ -471,10 +501,10 @@ impl Backend for CudaBackend {
         let (r, n, k, s) = (slot.r, lin.n, lin.k, slot.scale);
         let (a, b) = (self.view(slot.a, r * k), self.view(slot.b, n * r));
         // v = dy B: (M, r)
-        let mut v = self.gpu.alloc::<f32>(m * r)?;
-        gemm::<f32, f32>(&self.gpu, Layout::NN, m, r, n, dy, &b, &mut v, 1.0, 0.0)?;
+        let mut v = self.gpu.alloc::<T>(m * r)?;
+        gemm::<T, T>(&self.gpu, Layout::NN, m, r, n, dy, &b, &mut v, 1.0, 0.0)?;
         // dB += s · dyᵀ u: (N, r)
-        gemm::<f32, f32>(
+        gemm::<T, f32>(
             &self.gpu,
             Layout::TN,
             n,
@@ -488,7 +518,7 @@ impl Backend for CudaBackend {
         )?;
         // dA += s · vᵀ (x∘mask): (r, K)
         let xin = saved.xd.as_ref().unwrap_or(x);
-        gemm::<f32, f32>(
+        gemm::<T, f32>(
             &self.gpu,
             Layout::TN,
             r,
@@ -502,59 +532,59 @@ impl Backend for CudaBackend {
         )?;
         // dx += s · (v A)∘mask
         match saved.drop {
-            None => gemm::<f32, f32>(&self.gpu, Layout::NN, m, k, r, &v, &a, dx, s, 1.0)?,
+            None => gemm::<T, T>(&self.gpu, Layout::NN, m, k, r, &v, &a, dx, s, 1.0)?,
             Some((seed, pr)) => {
-                let mut t = self.gpu.alloc::<f32>(m * k)?;
-                gemm::<f32, f32>(&self.gpu, Layout::NN, m, k, r, &v, &a, &mut t, s, 0.0)?;
-                let mut tm = self.gpu.alloc::<f32>(m * k)?;
-                ew::dropout_fwd::<f32>(&self.gpu, &t, &mut tm, seed, pr)?;
-                ew::add::<f32>(&self.gpu, dx, &tm)?;
+                let mut t = self.gpu.alloc::<T>(m * k)?;
+                gemm::<T, T>(&self.gpu, Layout::NN, m, k, r, &v, &a, &mut t, s, 0.0)?;
+                let mut tm = self.gpu.alloc::<T>(m * k)?;
+                ew::dropout_fwd::<T>(&self.gpu, &t, &mut tm, seed, pr)?;
+                ew::add::<T>(&self.gpu, dx, &tm)?;
             }
         }
         Ok(())
     }
 
-    fn rope(&self, x: &mut CudaSlice<f32>, b: &GpuBatch, heads: usize, inverse: bool) -> Result<()> {
+    fn rope(&self, x: &mut CudaSlice<T>, b: &GpuBatch, heads: usize, inverse: bool) -> Result<()> {
         let (n, d) = (b.b * b.t, self.cfg.head_dim);
         if inverse {
-            ew::rope_bwd::<f32>(&self.gpu, x, &b.cos, &b.sin, n, heads, d)?;
+            ew::rope_bwd::<T>(&self.gpu, x, &b.cos, &b.sin, n, heads, d)?;
         } else {
-            ew::rope_fwd::<f32>(&self.gpu, x, &b.cos, &b.sin, n, heads, d)?;
+            ew::rope_fwd::<T>(&self.gpu, x, &b.cos, &b.sin, n, heads, d)?;
         }
         Ok(())
     }
 
     fn attention(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
         shape: &AttnShape,
         b: &GpuBatch,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        let mut o = self.gpu.alloc::<f32>(q.len())?;
+    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+        let mut o = self.gpu.alloc::<T>(q.len())?;
         let mut lse = self.gpu.alloc::<f32>(shape.b * shape.h * shape.tq)?;
         let scale = 1.0 / (shape.d as f32).sqrt();
-        attn::attention_fwd::<f32>(&self.gpu, q, k, v, &mut o, &mut lse, shape, scale, b.segments.as_ref())?;
+        attn::attention_fwd::<T>(&self.gpu, q, k, v, &mut o, &mut lse, shape, scale, b.segments.as_ref())?;
         Ok((o, lse))
     }
 
     fn attention_bwd(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        o: &CudaSlice<f32>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        o: &CudaSlice<T>,
         lse: &CudaSlice<f32>,
-        d_o: &CudaSlice<f32>,
+        d_o: &CudaSlice<T>,
         shape: &AttnShape,
         b: &GpuBatch,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
-        let mut dq = self.gpu.alloc::<f32>(q.len())?;
-        let mut dk = self.gpu.alloc::<f32>(k.len())?;
-        let mut dv = self.gpu.alloc::<f32>(v.len())?;
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>, CudaSlice<T>)> {
+        let mut dq = self.gpu.alloc::<T>(q.len())?;
+        let mut dk = self.gpu.alloc::<T>(k.len())?;
+        let mut dv = self.gpu.alloc::<T>(v.len())?;
         let scale = 1.0 / (shape.d as f32).sqrt();
-        attn::attention_bwd::<f32>(
+        attn::attention_bwd::<T>(
             &self.gpu,
             q,
             k,
@@ -572,41 +602,36 @@ impl Backend for CudaBackend {
         Ok((dq, dk, dv))
     }
 
-    fn swiglu(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        let mut out = self.gpu.alloc::<f32>(g.len())?;
-        ew::swiglu_fwd::<f32>(&self.gpu, g, u, &mut out)?;
+    fn swiglu(&self, g: &CudaSlice<T>, u: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        let mut out = self.gpu.alloc::<T>(g.len())?;
+        ew::swiglu_fwd::<T>(&self.gpu, g, u, &mut out)?;
         Ok(out)
     }
 
-    fn swiglu_bwd(
-        &self,
-        g: &CudaSlice<f32>,
-        u: &CudaSlice<f32>,
-        d: &CudaSlice<f32>,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        let (mut dg, mut du) = (self.gpu.alloc::<f32>(g.len())?, self.gpu.alloc::<f32>(g.len())?);
-        ew::swiglu_bwd::<f32>(&self.gpu, g, u, d, &mut dg, &mut du)?;
+    fn swiglu_bwd(&self, g: &CudaSlice<T>, u: &CudaSlice<T>, d: &CudaSlice<T>) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+        let (mut dg, mut du) = (self.gpu.alloc::<T>(g.len())?, self.gpu.alloc::<T>(g.len())?);
+        ew::swiglu_bwd::<T>(&self.gpu, g, u, d, &mut dg, &mut du)?;
         Ok((dg, du))
     }
 
-    fn add(&self, a: &mut CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<()> {
-        ew::add::<f32>(&self.gpu, a, b)?;
+    fn add(&self, a: &mut CudaSlice<T>, b: &CudaSlice<T>) -> Result<()> {
+        ew::add::<T>(&self.gpu, a, b)?;
         Ok(())
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.gpu.zeros::<f32>(n)?)
+    fn zeros(&self, n: usize) -> Result<CudaSlice<T>> {
+        Ok(self.gpu.zeros::<T>(n)?)
     }
 
-    fn copy(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    fn copy(&self, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
         self.gpu.stream().clone_dtod(x).map_err(gpu_err)
     }
 
     fn head_loss(
         &self,
-        hn: &CudaSlice<f32>,
+        hn: &CudaSlice<T>,
         b: &GpuBatch,
-        mut backward: Option<(f32, &mut CudaSlice<f32>)>,
+        mut backward: Option<(f32, &mut CudaSlice<T>)>,
     ) -> Result<MicroStats> {
         let (c, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let m = b.b * b.t;
@@ -616,14 +641,19 @@ impl Backend for CudaBackend {
         let rows: Vec<u32> = (0..m).filter(|&r| targets[r] != IGNORE_INDEX).map(|r| r as u32).collect();
         let chunk = (CE_LOGITS / v.max(1)).max(1);
         let mut stats = MicroStats::default();
+        // dL/dhn in f32, scattered row by row, then converted into the caller's buffer.
+        let mut dhn32 = match backward {
+            Some(_) => Some(self.gpu.zeros::<f32>(m * c)?),
+            None => None,
+        };
         for rs in rows.chunks(chunk) {
             let n = rs.len();
             let idx = up(&self.gpu, rs)?;
             let tg: Vec<i32> = rs.iter().map(|&r| targets[r as usize] as i32).collect();
             let tg = up(&self.gpu, &tg)?;
             // Gather the rows with a target: an embedding lookup with hn as the table.
-            let mut hc = self.gpu.alloc::<f32>(n * c)?;
-            ew::embedding_fwd::<f32>(&self.gpu, &idx, hn, &mut hc, m, c)?;
+            let mut hc = self.gpu.alloc::<T>(n * c)?;
+            ew::embedding_fwd::<T>(&self.gpu, &idx, hn, &mut hc, m, c)?;
             let mut logits = self.gpu.alloc::<f32>(n * v)?;
             self.head_fwd(&hc, &mut logits, n)?;
             let (mut loss_rows, mut lse) = (self.gpu.alloc::<f32>(n)?, self.gpu.alloc::<f32>(n)?);
@@ -632,17 +662,23 @@ impl Backend for CudaBackend {
             let l = self.gpu.download(&loss_rows)?;
             stats.loss_sum += l.iter().map(|&x| f64::from(x)).sum::<f64>();
             stats.n_targets += n;
-            if let Some((_, dhn)) = backward.as_mut() {
-                let mut dh = self.gpu.alloc::<f32>(n * c)?;
-                self.head_bwd(&logits, &mut dh, n)?;
+            if let Some(d32) = dhn32.as_mut() {
+                let mut dl = self.gpu.alloc::<T>(n * v)?;
+                cast::<f32, T>(&self.gpu, &logits, &mut dl)?;
+                drop(logits);
+                let mut dh = self.gpu.alloc::<T>(n * c)?;
+                self.head_bwd(&dl, &mut dh, n)?;
                 // Scatter back to the rows (each once, into zeros): the embedding's backward.
-                ew::embedding_bwd::<f32>(&self.gpu, &idx, &dh, &mut **dhn, m, c)?;
+                ew::embedding_bwd::<T>(&self.gpu, &idx, &dh, d32, m, c)?;
             }
+        }
+        if let (Some(d32), Some((_, dhn))) = (dhn32, backward.as_mut()) {
+            cast::<f32, T>(&self.gpu, &d32, &mut **dhn)?;
         }
         Ok(stats)
     }
 
-    fn logits(&self, hn: &CudaSlice<f32>, m: usize, rows: usize) -> Result<Vec<f32>> {
+    fn logits(&self, hn: &CudaSlice<T>, m: usize, rows: usize) -> Result<Vec<f32>> {
         let c = self.cfg.hidden_size;
         let first = m.checked_sub(rows).ok_or_else(|| Error::Invalid(format!("logits of {rows} rows of {m}")))?;
         let mut logits = self.gpu.alloc::<f32>(rows * self.cfg.vocab_size)?;
@@ -650,27 +686,27 @@ impl Backend for CudaBackend {
         Ok(self.gpu.download(&logits)?)
     }
 
-    fn new_cache(&self) -> Result<GpuCache> {
+    fn new_cache(&self) -> Result<GpuCache<T>> {
         let n = self.cfg.num_layers;
         let mut k = Vec::with_capacity(n);
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
-            k.push(self.gpu.zeros::<f32>(1)?);
-            v.push(self.gpu.zeros::<f32>(1)?);
+            k.push(self.gpu.zeros::<T>(1)?);
+            v.push(self.gpu.zeros::<T>(1)?);
         }
         Ok(GpuCache { k, v, cap: 0, len: 0 })
     }
 
-    fn cache_len(&self, cache: &GpuCache) -> usize {
+    fn cache_len(&self, cache: &GpuCache<T>) -> usize {
         cache.len
     }
 
     fn cache_append(
         &self,
-        cache: &mut GpuCache,
+        cache: &mut GpuCache<T>,
         layer: usize,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
         t: usize,
     ) -> Result<()> {
         self.grow_cache(cache, cache.len + t)?;
@@ -685,40 +721,30 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn cache_advance(&self, cache: &mut GpuCache, t: usize) {
+    fn cache_advance(&self, cache: &mut GpuCache<T>, t: usize) {
         cache.len += t;
     }
 
-    fn cache_clear(&self, cache: &mut GpuCache) {
+    fn cache_clear(&self, cache: &mut GpuCache<T>) {
         cache.len = 0;
     }
 
     fn attention_cached(
         &self,
-        q: &CudaSlice<f32>,
-        cache: &GpuCache,
+        q: &CudaSlice<T>,
+        cache: &GpuCache<T>,
         layer: usize,
         shape: &AttnShape,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         let row = self.cfg.num_kv_heads * self.cfg.head_dim;
         let (Some(kc), Some(vc)) = (cache.k.get(layer), cache.v.get(layer)) else {
             return Err(Error::Invalid(format!("KV cache has no layer {layer}")));
         };
         let n = shape.tk * row;
-        let mut o = self.gpu.alloc::<f32>(q.len())?;
+        let mut o = self.gpu.alloc::<T>(q.len())?;
         let mut lse = self.gpu.alloc::<f32>(shape.h * shape.tq)?;
         let scale = 1.0 / (shape.d as f32).sqrt();
-        attn::attention_fwd::<f32>(
-            &self.gpu,
-            q,
-            &kc.slice(0..n),
-            &vc.slice(0..n),
-            &mut o,
-            &mut lse,
-            shape,
-            scale,
-            None,
-        )?;
+        attn::attention_fwd::<T>(&self.gpu, q, &kc.slice(0..n), &vc.slice(0..n), &mut o, &mut lse, shape, scale, None)?;
         Ok(o)
     }
 }
@@ -734,20 +760,20 @@ pub struct GpuAdamW {
 }
 
 impl GpuAdamW {
-    pub fn new(be: &CudaBackend) -> Result<Self> {
+    pub fn new<T: Float>(be: &CudaBackend<T>) -> Result<Self> {
         let n = be.lora.len();
         Ok(Self { m: be.gpu.zeros(n)?, v: be.gpu.zeros(n)?, step: 0 })
     }
 
     /// Moments to the host, split like the LoRA buffers (for checkpoints).
-    pub fn download(&self, be: &CudaBackend) -> Result<Moments> {
+    pub fn download<T: Float>(&self, be: &CudaBackend<T>) -> Result<Moments> {
         let (m, v) = (be.gpu.download(&self.m)?, be.gpu.download(&self.v)?);
         let split = |all: &[f32]| be.lora_layout.iter().map(|&(o, l)| all[o..o + l].to_vec()).collect();
         Ok((split(&m), split(&v)))
     }
 
     /// Moments from the host (split like the LoRA buffers).
-    pub fn upload(&mut self, be: &CudaBackend, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
+    pub fn upload<T: Float>(&mut self, be: &CudaBackend<T>, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
         let join = |parts: &[Vec<f32>]| -> Result<Vec<f32>> {
             let mut all = vec![0f32; be.lora.len()];
             if parts.len() != be.lora_layout.len() {
@@ -768,9 +794,9 @@ impl GpuAdamW {
 
     /// Global gradient norm, clipping (torch's rule) and one AdamW step; returns the norm before
     /// clipping. A non-finite norm updates nothing and is returned for the caller to report.
-    pub fn step(
+    pub fn step<T: Float>(
         &mut self,
-        be: &mut CudaBackend,
+        be: &mut CudaBackend<T>,
         grads: &GpuGrads,
         cfg: &gristmill_core::ops::adamw::AdamWConfig,
         max_grad_norm: f32,
@@ -781,6 +807,7 @@ impl GpuAdamW {
         let Some(mul) = mul.filter(|_| norm.is_finite()) else { return Ok(norm) };
         self.step += 1;
         optim::adamw_step(&gpu, &mut be.lora, &grads.flat, &mut self.m, &mut self.v, self.step, cfg, mul)?;
+        be.refresh_lora()?;
         Ok(norm)
     }
 }

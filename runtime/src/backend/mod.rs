@@ -93,6 +93,8 @@ pub struct BatchIn<'a> {
 pub trait Backend {
     /// An activation buffer.
     type Buf;
+    /// f32 per-row statistics kept for a backward: RMSNorm's rstd, attention's log-sum-exp.
+    type Stat;
     /// What a linear layer keeps for its backward.
     type Saved;
     /// Gradients of every LoRA factor.
@@ -109,16 +111,16 @@ pub trait Backend {
     /// x: (M, C) the embeddings of the batch's tokens.
     fn embed(&self, b: &Self::Batch) -> Result<Self::Buf>;
     /// (y, rstd) = RMSNorm(x): (M, C), (M).
-    fn norm(&self, x: &Self::Buf, n: Norm, m: usize) -> Result<(Self::Buf, Self::Buf)>;
+    fn norm(&self, x: &Self::Buf, n: Norm, m: usize) -> Result<(Self::Buf, Self::Stat)>;
     /// x += delta, then (y, rstd) = RMSNorm(x).
-    fn add_norm(&self, x: &mut Self::Buf, delta: &Self::Buf, n: Norm, m: usize) -> Result<(Self::Buf, Self::Buf)>;
+    fn add_norm(&self, x: &mut Self::Buf, delta: &Self::Buf, n: Norm, m: usize) -> Result<(Self::Buf, Self::Stat)>;
     /// dx (+)= the input gradient of RMSNorm given dy.
     #[allow(clippy::too_many_arguments)]
     fn norm_bwd(
         &self,
         x: &Self::Buf,
         n: Norm,
-        rstd: &Self::Buf,
+        rstd: &Self::Stat,
         dy: &Self::Buf,
         dx: &mut Self::Buf,
         m: usize,
@@ -159,7 +161,7 @@ pub trait Backend {
         v: &Self::Buf,
         shape: &AttnShape,
         b: &Self::Batch,
-    ) -> Result<(Self::Buf, Self::Buf)>;
+    ) -> Result<(Self::Buf, Self::Stat)>;
     /// (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
@@ -168,7 +170,7 @@ pub trait Backend {
         k: &Self::Buf,
         v: &Self::Buf,
         o: &Self::Buf,
-        lse: &Self::Buf,
+        lse: &Self::Stat,
         d_o: &Self::Buf,
         shape: &AttnShape,
         b: &Self::Batch,
@@ -216,7 +218,7 @@ pub trait Backend {
 struct LayerSaved<B: Backend> {
     /// x: (M, C) the layer input; rstd1: (M)
     x: B::Buf,
-    rstd1: B::Buf,
+    rstd1: B::Stat,
     /// a = RMSNorm(x): (M, C), the input of q, k, v
     a: B::Buf,
     q: B::Saved,
@@ -228,11 +230,11 @@ struct LayerSaved<B: Backend> {
     vv: B::Buf,
     /// attention output (M, H·D) and its log-sum-exp (B, H, T)
     o: B::Buf,
-    lse: B::Buf,
+    lse: B::Stat,
     o_lin: B::Saved,
     /// x1 = x + o_proj(o): (M, C); rstd2: (M)
     x1: B::Buf,
-    rstd2: B::Buf,
+    rstd2: B::Stat,
     /// h = RMSNorm(x1): (M, C)
     h: B::Buf,
     gate: B::Saved,

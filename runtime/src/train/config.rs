@@ -191,6 +191,8 @@ pub struct TrainSection {
     pub log_every: usize,
     /// Where to train: `auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Activations on a GPU: `bf16` (fast) or `f32` (matches the CPU to f32 rounding).
+    pub compute_dtype: String,
 }
 
 /// `[output]`: where the run goes.
@@ -288,6 +290,7 @@ impl Default for TrainSection {
             early_stopping_patience: None,
             log_every: 1,
             device: "auto".into(),
+            compute_dtype: "bf16".into(),
         }
     }
 }
@@ -373,6 +376,7 @@ const KEYS: &[KeySpec] = &[
     key("train.early_stopping_patience", Kind::Int, "stop after N evaluations without improvement"),
     key("train.log_every", Kind::Int, "log metrics every N steps (1)"),
     key("train.device", Kind::Str, "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)"),
+    key("train.compute_dtype", Kind::Choice(&["bf16", "f32"]), "activations on a GPU (bf16)"),
     required("output.dir", Kind::Path, "the run directory"),
     key("output.resume", Kind::Str, "resume from a checkpoint directory, or `latest`"),
 ];
@@ -808,6 +812,10 @@ impl TrainConfig {
             matches!(dev, "auto" | "cpu" | "cuda" | "gpu")
                 || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()),
             format!("`train.device` must be auto, cpu, cuda or cuda:N, found `{dev}`"),
+        );
+        check(
+            matches!(t.compute_dtype.as_str(), "bf16" | "f32"),
+            format!("`train.compute_dtype` must be bf16 or f32, found `{}`", t.compute_dtype),
         );
         check(
             t.early_stopping_patience != Some(0),

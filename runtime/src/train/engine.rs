@@ -11,21 +11,89 @@ use crate::error::Result;
 use crate::model::LlamaModel;
 use gristmill_core::ops::adamw::clip_grad_norm_ref;
 
+/// The element type of activations on a GPU (the CPU always computes in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    /// bf16 activations, f32 accumulation, statistics, LoRA masters and optimizer state.
+    #[default]
+    Bf16,
+    /// f32 throughout: matches the CPU to f32 rounding; slower.
+    F32,
+}
+
+impl ComputeDtype {
+    /// `bf16` or `f32`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "bf16" => Ok(Self::Bf16),
+            "f32" => Ok(Self::F32),
+            o => Err(crate::error::Error::Invalid(format!("compute dtype must be bf16 or f32, found `{o}`"))),
+        }
+    }
+}
+
 /// The training step's device and the state it keeps there.
 pub enum Engine {
     Cpu {
         grads: LoraGrads,
     },
     #[cfg(feature = "cuda")]
-    Cuda(Box<GpuEngine>),
+    Cuda(Box<GpuEngine<f32>>),
+    #[cfg(feature = "cuda")]
+    CudaBf16(Box<GpuEngine<gristmill_kernels::bf16>>),
 }
 
-/// A run on one GPU.
+/// A run on one GPU with activations in T.
 #[cfg(feature = "cuda")]
-pub struct GpuEngine {
-    be: crate::backend::cuda::CudaBackend,
+pub struct GpuEngine<T: gristmill_kernels::Float> {
+    be: crate::backend::cuda::CudaBackend<T>,
     grads: crate::backend::cuda::GpuGrads,
     opt: crate::backend::cuda::GpuAdamW,
+}
+
+#[cfg(feature = "cuda")]
+impl<T: gristmill_kernels::Float> GpuEngine<T> {
+    fn new(gpu: &std::sync::Arc<gristmill_kernels::Gpu>, model: &LlamaModel, opt: &AdamW) -> Result<Box<Self>> {
+        use crate::backend::cuda::{CudaBackend, GpuAdamW};
+        let be = CudaBackend::<T>::new(gpu.clone(), model)?;
+        let grads = be.new_grads()?;
+        let mut gopt = GpuAdamW::new(&be)?;
+        gopt.upload(&be, &opt.m, &opt.v)?;
+        gopt.step = opt.step;
+        Ok(Box::new(GpuEngine { be, grads, opt: gopt }))
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        self.be
+            .gpu()
+            .stream()
+            .memset_zeros(&mut self.grads.flat)
+            .map_err(|e| crate::error::Error::Gpu(gristmill_kernels::KernelError::Driver(e)))
+    }
+
+    fn micro_step(&mut self, batch: &Batch, grad_scale: f32, drop: Option<Dropout>) -> Result<MicroStats> {
+        crate::backend::train_step(&self.be, &super::step::as_batch_in(batch), grad_scale, drop, &mut self.grads)
+    }
+
+    fn eval_loss(&self, batch: &Batch) -> Result<MicroStats> {
+        crate::backend::eval_step(&self.be, &super::step::as_batch_in(batch))
+    }
+
+    fn optimizer_step(&mut self, opt: &mut AdamW, lr: f32, max_grad_norm: f32) -> Result<f32> {
+        let cfg = gristmill_core::ops::adamw::AdamWConfig { lr, ..opt.cfg };
+        let norm = self.opt.step(&mut self.be, &self.grads, &cfg, max_grad_norm)?;
+        opt.step = self.opt.step;
+        Ok(norm)
+    }
+
+    fn sync_to_host(&self, model: &mut LlamaModel, opt: &mut AdamW) -> Result<()> {
+        self.be.sync_lora_to(model)?;
+        let (m, v) = self.opt.download(&self.be)?;
+        opt.m = m;
+        opt.v = v;
+        opt.step = self.opt.step;
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -33,26 +101,31 @@ impl std::fmt::Debug for Engine {
         match self {
             Engine::Cpu { .. } => f.write_str("Engine::Cpu"),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(g) => write!(f, "Engine::Cuda({:?})", g.be),
+            Engine::Cuda(g) => write!(f, "Engine::Cuda(f32, {:?})", g.be),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => write!(f, "Engine::Cuda(bf16, {:?})", g.be),
         }
     }
 }
 
 impl Engine {
-    /// An engine on `device` for `model` with the optimizer state `opt` (fresh or resumed).
+    /// An engine on `device` for `model` with the optimizer state `opt` (fresh or resumed), bf16
+    /// activations on a GPU.
     pub fn new(device: &Device, model: &LlamaModel, opt: &AdamW) -> Result<Self> {
+        Self::with_dtype(device, model, opt, ComputeDtype::default())
+    }
+
+    /// [`Engine::new`] with the GPU's activation type chosen.
+    pub fn with_dtype(device: &Device, model: &LlamaModel, opt: &AdamW, dtype: ComputeDtype) -> Result<Self> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = dtype;
         match device {
             Device::Cpu => Ok(Engine::Cpu { grads: LoraGrads::zeros(model) }),
             #[cfg(feature = "cuda")]
-            Device::Cuda(gpu) => {
-                use crate::backend::cuda::{CudaBackend, GpuAdamW};
-                let be = CudaBackend::new(gpu.clone(), model)?;
-                let grads = be.new_grads()?;
-                let mut gopt = GpuAdamW::new(&be)?;
-                gopt.upload(&be, &opt.m, &opt.v)?;
-                gopt.step = opt.step;
-                Ok(Engine::Cuda(Box::new(GpuEngine { be, grads, opt: gopt })))
-            }
+            Device::Cuda(gpu) => Ok(match dtype {
+                ComputeDtype::F32 => Engine::Cuda(GpuEngine::new(gpu, model, opt)?),
+                ComputeDtype::Bf16 => Engine::CudaBf16(GpuEngine::new(gpu, model, opt)?),
+            }),
         }
     }
 
@@ -61,12 +134,9 @@ impl Engine {
         match self {
             Engine::Cpu { grads } => grads.clear(),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(g) => {
-                g.be.gpu()
-                    .stream()
-                    .memset_zeros(&mut g.grads.flat)
-                    .map_err(|e| crate::error::Error::Gpu(gristmill_kernels::KernelError::Driver(e)))?
-            }
+            Engine::Cuda(g) => g.zero_grads()?,
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.zero_grads()?,
         }
         Ok(())
     }
@@ -82,9 +152,9 @@ impl Engine {
         match self {
             Engine::Cpu { grads } => micro_step(model, batch, grad_scale, drop, grads),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(g) => {
-                crate::backend::train_step(&g.be, &super::step::as_batch_in(batch), grad_scale, drop, &mut g.grads)
-            }
+            Engine::Cuda(g) => g.micro_step(batch, grad_scale, drop),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.micro_step(batch, grad_scale, drop),
         }
     }
 
@@ -93,7 +163,9 @@ impl Engine {
         match self {
             Engine::Cpu { .. } => eval_loss(model, batch),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(g) => crate::backend::eval_step(&g.be, &super::step::as_batch_in(batch)),
+            Engine::Cuda(g) => g.eval_loss(batch),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.eval_loss(batch),
         }
     }
 
@@ -120,13 +192,9 @@ impl Engine {
                 Ok(norm)
             }
             #[cfg(feature = "cuda")]
-            Engine::Cuda(g) => {
-                let cfg = gristmill_core::ops::adamw::AdamWConfig { lr, ..opt.cfg };
-                let GpuEngine { be, grads, opt: gopt } = &mut **g;
-                let norm = gopt.step(be, grads, &cfg, max_grad_norm)?;
-                opt.step = gopt.step;
-                Ok(norm)
-            }
+            Engine::Cuda(g) => g.optimizer_step(opt, lr, max_grad_norm),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.optimizer_step(opt, lr, max_grad_norm),
         }
     }
 
@@ -136,14 +204,9 @@ impl Engine {
         match self {
             Engine::Cpu { .. } => Ok(()),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(g) => {
-                g.be.sync_lora_to(model)?;
-                let (m, v) = g.opt.download(&g.be)?;
-                opt.m = m;
-                opt.v = v;
-                opt.step = g.opt.step;
-                Ok(())
-            }
+            Engine::Cuda(g) => g.sync_to_host(model, opt),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.sync_to_host(model, opt),
         }
     }
 
@@ -155,6 +218,8 @@ impl Engine {
             }
             #[cfg(feature = "cuda")]
             Engine::Cuda(g) => g.be.download_grads(&g.grads),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.be.download_grads(&g.grads),
         }
     }
 

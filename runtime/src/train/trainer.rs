@@ -8,7 +8,7 @@
 
 use super::checkpoint::{CheckpointManager, resolve_resume};
 use super::config::{BasePrecision as CfgPrecision, OptimizerKind, TrainConfig};
-use super::engine::Engine;
+use super::engine::{ComputeDtype, Engine};
 use super::metrics::{MetricsWriter, Record, TrainerState};
 use super::optim::{AdamW, lora_params};
 use super::plot::{Series, plot_losses};
@@ -346,8 +346,14 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         None => MetricsWriter::open(&metrics_path)?,
     };
     let device = Device::parse(&cfg.train.device)?;
-    let mut engine = Engine::new(&device, &model, &opt)?;
-    say(&mut progress, &format!("training on {device}"));
+    let dtype = ComputeDtype::parse(&cfg.train.compute_dtype)?;
+    let mut engine = Engine::with_dtype(&device, &model, &opt, dtype)?;
+    let on = if engine.is_cuda() {
+        format!("{device}, {} activations", cfg.train.compute_dtype)
+    } else {
+        device.to_string()
+    };
+    say(&mut progress, &format!("training on {on}"));
     write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
     let mut events = EventWriter::new(&run_dir)?;
     if let Some(p) = &mut progress {
