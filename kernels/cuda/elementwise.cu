@@ -81,7 +81,9 @@
 // Must equal ROW_ITEMS, ROW_THREADS, FLAT_THREADS and FLAT_UNROLL in kernels/src/elementwise.rs.
 // Measured at M = C = 4096 bf16 on an H200: ROW_ITEMS 2 beats 4 and 8 (the smaller register cache
 // lets more blocks share an SM); FLAT_UNROLL 2 beats 1 and 4 for dropout, while SwiGLU's backward,
-// with three inputs in flight already, runs best at 1.
+// with three inputs in flight already, runs best at 1. Issuing the next group's loads before
+// working on the current one (double buffering) cost dropout 5 points of copy bandwidth (its
+// extra registers cut the blocks an SM holds) and gained SwiGLU's forward 1 or 2.
 #define ROW_ITEMS 2
 #define ROW_THREADS 512
 #define FLAT_THREADS 256
