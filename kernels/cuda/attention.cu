@@ -1,6 +1,7 @@
-// attention: causal grouped-query attention, forward and backward — the simple stand-in until the
-// flash-attention kernels replace it. The Tq × Tk attention matrix is never stored: the forward
-// keeps an online softmax, the backward rebuilds every probability as exp(s − lse).
+// attention: causal grouped-query attention, forward and backward. The Tq × Tk attention matrix
+// is never stored: the forward keeps an online softmax, the backward rebuilds every probability as
+// exp(s − lse). Two families: SIMT kernels for every dtype and D (f32 math, the decode path with
+// split keys), and flash kernels for bf16 with D = 64 or 128 on tensor cores (further below).
 //
 // Shared conventions (reference: gristmill_core::ops::attention):
 //   q, o, dO, dq: (B, Tq, H, D) row-major; k, v, dk, dv: (B, Tk, Hkv, D); lse, delta: (B, H, Tq)
@@ -44,6 +45,43 @@
 //   tile: lane r computes s, dp, p, ds of row r against each of the warp's keys, then the warp
 //   adds p_r·dO_r to dv and ds_r·q_r to dk (p_r, ds_r by shuffle). A KV head's gradient is the sum
 //   over its group's heads, formed in one block's registers: no atomics, deterministic.
+//
+// Flash kernels (FlashAttention-2 layout; bf16 in, f32 accumulation and softmax). Products are
+// mma.sync m16n8k16 (bf16 × bf16 → f32) on fragments read with ldmatrix from shared tiles whose
+// rows are padded by 8 elements (conflict-free); global → shared copies are cp.async, 16 bytes a
+// thread, double-buffered (the next tile loads while this one is used). They need D = 64 or 128
+// and q, k, v, o, dO, dq, dk, dv on 16-byte boundaries (the launcher checks, else SIMT).
+//
+// attention_flash{64,128}_fwd_bf16: grid (B·H, ⌈Tq / 128⌉), 128 threads (4 warps), dynamic shared
+//   memory Fwd::SMEM (Q tile, two stages of K and V tiles of 64 keys, their segment ids). Block:
+//   128 query rows of (b, h) — heads of one KV group are neighbours in x, so their blocks share
+//   K/V tiles in L2 — last row blocks first (they have the most keys). Warp w owns rows 32w …
+//   32w + 31 (two 16-row mma tiles). Per K/V tile (keys from the last tile down to the first,
+//   so those at the causal edge come first), KH keys at a time (32 for D = 128, 64 for D = 64):
+//   S = Q Kᵀ (Q fragments from shared memory), x = S·scale·log2 e, masked to −inf past the causal
+//   edge, for rows past Tq and across segments; online softmax in base 2 (row max by two quad
+//   shuffles, acc rescaled by 2^(m_old − m_new)), P rounded to bf16 straight into the A
+//   fragments of acc += P V (V fragments by ldmatrix.trans). Tiles with no allowed key for the
+//   whole block (packed segments) are skipped after a block vote. o = acc / l is staged through
+//   the warp's own rows of the Q tile and written in 16-byte chunks; lse = (m + log2 l)·ln 2.
+//
+// attention_delta_bwd_<T> (above) gives delta_i = rowsum(dO ∘ O) first.
+//
+// attention_flash{64,128}_dkv_bwd_bf16: grid (B·Hkv, ⌈Tk / 128⌉), 256 threads (8 warps), dynamic
+//   shared memory Bwd::SMEM (K, V tiles of the block's 128 keys; two stages of {Q, dO tiles of
+//   64 queries, their lse, delta and segment ids}; the dSᵀ tile). Warp w owns keys 16w … 16w + 15
+//   and keeps dK, dV (16 × D, f32) in registers while the block walks every (query head of the
+//   group, 64-query tile) that can see one of its keys — so dK and dV come out summed over the
+//   group, deterministic, without atomics. Per tile: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (mma), Pᵀ =
+//   2^(Sᵀ·scale·log2 e − lse·log2 e) (masked to 0), dSᵀ = Pᵀ ∘ (dPᵀ − delta), both rounded to
+//   bf16 as A fragments: dV += Pᵀ dO, dK += dSᵀ Q (dO, Q fragments by ldmatrix.trans). dSᵀ also
+//   goes to shared memory; after a barrier the 8 warps (4 query × 2 column groups) form the
+//   64 × D tile dQ += dS K and add it to dq_accum (f32, B·H·⌈Tq/64⌉·64·D) with red.global.add in
+//   dq_index order, where one warp instruction covers 128 contiguous bytes. dq sums over key
+//   blocks in whatever order the blocks run: its last bits may vary between runs. dk = scale·dK.
+//
+// attention_dq_convert_bwd_bf16: grid-stride, one thread a column pair of dq_accum: dq = scale ·
+//   dq_accum, to (B, Tq, H, D) bf16.
 #include "common.cuh"
 
 namespace {
@@ -526,6 +564,603 @@ __device__ void attn_dkv(const T* __restrict__ q, const T* __restrict__ k, const
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// Flash attention for bf16 with tensor cores (D = 64 or 128). Each .cu helper below that wraps a
+// PTX instruction takes generic pointers and converts them to shared-window addresses itself.
+namespace flash {
+
+using bf16 = __nv_bfloat16;
+
+// bf16 elements of padding after every shared-memory row: rows then start 16 bytes apart modulo
+// 128, so the eight 16-byte rows one ldmatrix phase reads fall on distinct banks.
+constexpr int PAD = 8;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// A compile-time flag as a value, for the loop bodies compiled with and without the mask.
+template <bool B> struct Flag {
+    static constexpr bool value = B;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared, asynchronously; zero-filled (nothing read) when !full.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(full ? 16 : 0)
+                 : "memory");
+}
+
+// 4 bytes global → shared, asynchronously; zero-filled when !full.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool full) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(full ? 4 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8×8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+
+// As ldsm_x4, each matrix transposed.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+
+// c += a·b for one 16×8×16 tile: a 16×16 bf16 (row-major fragments), b 16×8 bf16, c 16×8 f32.
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a bf16 pair, `lo` in the low half (the lower column of a fragment).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Starts copying ROWS rows of D bf16 (global row stride `ld` elements) into a shared tile of row
+// stride D + PAD; rows at or past `valid` become zeros, so masked products stay finite. Row 0 of
+// `src` is always a real row (it is the fallback address of zero-filled chunks).
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows(bf16* dst, const bf16* src, int64_t ld, int valid) {
+    constexpr int CH = D / 8;  // 16-byte chunks a row
+    static_assert((ROWS * CH) % THREADS == 0, "whole chunks per thread");
+    // Not unrolled: unrolled, the compiler keeps every chunk's address live across the main loops.
+#pragma unroll 1
+    for (int u = 0; u < ROWS * CH / THREADS; ++u) {
+        const int c = threadIdx.x + u * THREADS, r = c / CH, k = c % CH;
+        const bool ok = r < valid;
+        cp_async16(dst + r * (D + PAD) + k * 8, ok ? src + r * ld + k * 8 : src, ok);
+    }
+}
+
+// Starts copying n u32 or f32 values (`src` contiguous) into shared memory; those at or past
+// `valid` become zeros.
+template <int N, int THREADS, typename U>
+__device__ __forceinline__ void load_vec(U* dst, const U* src, int valid) {
+    for (int c = threadIdx.x; c < N; c += THREADS) {
+        const bool ok = c < valid;
+        cp_async4(dst + c, ok ? src + c : src, ok);
+    }
+}
+
+// ---- forward ----
+template <int D, int WARPS, int MI, int BN, int KH>
+struct Fwd {
+    static constexpr int THREADS = WARPS * 32;
+    static constexpr int BM = WARPS * 16 * MI;  // query rows a block
+    static constexpr int LD = D + PAD;
+    static constexpr int SMEM = (BM * LD + 4 * BN * LD) * 2 + 2 * BN * 4;
+};
+
+template <int D, int WARPS, int MI, int BN, int KH>
+__device__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                    bf16* __restrict__ o, float* __restrict__ lse, const uint32_t* __restrict__ seg, int tq, int tk,
+                    int H, int Hkv, float scale_log2) {
+    using C = Fwd<D, WARPS, MI, BN, KH>;
+    constexpr int BM = C::BM, LD = C::LD, THREADS = C::THREADS;
+    constexpr int NI = BN / 8, NH = KH / 8, DI = D / 8, KS = D / 16;
+    static_assert(BN % KH == 0 && KH % 16 == 0, "key sub-tiles of whole k-steps");
+    static_assert(NH * 4 <= 32, "one mask bit a score of a row pair");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sq = reinterpret_cast<bf16*>(smem_raw);                      // (BM, LD)
+    bf16* skv = sq + BM * LD;                                           // 2 stages × {K, V}: (BN, LD) each
+    uint32_t* sseg = reinterpret_cast<uint32_t*>(skv + 4 * BN * LD);    // 2 stages × BN
+
+    const int b = blockIdx.x / H, h = blockIdx.x - b * H, g = h / (H / Hkv);
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+    const int off = tk - tq;  // query i sits at position off + i
+    const int64_t qld = int64_t(H) * D, kld = int64_t(Hkv) * D;
+    const bf16* qb = q + (int64_t(b) * tq + m0) * qld + int64_t(h) * D;
+    const bf16* kb = k + int64_t(b) * tk * kld + int64_t(g) * D;
+    const bf16* vb = v + int64_t(b) * tk * kld + int64_t(g) * D;
+    const uint32_t* sgb = seg ? seg + int64_t(b) * tk : nullptr;
+    const int wrow = warp * 16 * MI;  // the warp's first row within the block
+
+    const int kend = min(tk, off + m0 + BM);
+    const int ntiles = (kend + BN - 1) / BN;
+    auto issue = [&](int n, int stage) {
+        const int j0 = n * BN;
+        bf16* sk = skv + stage * 2 * BN * LD;
+        load_rows<D, BN, THREADS>(sk, kb + j0 * kld, kld, tk - j0);
+        load_rows<D, BN, THREADS>(sk + BN * LD, vb + j0 * kld, kld, tk - j0);
+        if (sgb) load_vec<BN, THREADS>(sseg + stage * BN, sgb + j0, tk - j0);
+    };
+    load_rows<D, BM, THREADS>(sq, qb, qld, tq - m0);
+    issue(ntiles - 1, 0);
+    cp_async_commit();
+
+    // Row (mi, hf) of this thread sits at position pos0 + 16·mi + 8·hf; a position at or past Tk
+    // is a row past Tq, which sees nothing.
+    const int pos0 = off + m0 + wrow + gr;
+    uint32_t rseg[MI][2];
+    float acc[MI][DI][4], m[MI][2], l[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int p = pos0 + mi * 16 + 8 * hf;
+            rseg[mi][hf] = (sgb && p < tk) ? sgb[p] : 0u;
+            m[mi][hf] = -INFINITY;
+            l[mi][hf] = 0.f;
+        }
+#pragma unroll
+        for (int di = 0; di < DI; ++di) acc[mi][di][0] = acc[mi][di][1] = acc[mi][di][2] = acc[mi][di][3] = 0.f;
+    }
+
+    // Score (mi, e) of n-tile ni is allowed: key ≤ position, the row exists, and the segments agree.
+    auto allowed = [&](const uint32_t* ss, int j0, int mi, int ni, int e) {
+        const int jj = ni * 8 + 2 * tc + (e & 1), p = pos0 + mi * 16 + 8 * (e >> 1);
+        return j0 + jj <= p && p < tk && (!sgb || ss[jj] == rseg[mi][e >> 1]);
+    };
+
+    // One key tile. Tiles from the last to the first: those at the causal edge (or every tile,
+    // with segments) come first and are the only ones that need the mask; the same body is
+    // compiled without it for the rest, where registers are tight.
+    int it = 0;
+    auto step = [&](auto masked_c) {
+        constexpr bool MASKED = decltype(masked_c)::value;
+        const int n = ntiles - 1 - it, stage = it & 1, j0 = n * BN;
+        if (it + 1 < ntiles) issue(n - 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bf16* sk = skv + stage * 2 * BN * LD;
+        const bf16* sv = sk + BN * LD;
+        const uint32_t* ss = sseg + stage * BN;
+
+        if constexpr (MASKED) {
+            // With segments a whole tile may belong to other examples: skip it when no row of
+            // the block sees any of its keys (its loads were already issued; that is cheap).
+            if (sgb) {
+                int any = 0;
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) any |= allowed(ss, j0, mi, ni, e);
+                if (!__syncthreads_or(any)) return;
+            }
+        }
+
+        // KH keys at a time: the f32 scores of a whole tile would not fit in registers next to
+        // the accumulators.
+#pragma unroll 1
+        for (int j1 = 0; j1 < BN; j1 += KH) {
+            // The mask as bits, computed while few registers are live.
+            uint32_t okb[MI];
+            if constexpr (MASKED) {
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    okb[mi] = 0u;
+#pragma unroll
+                    for (int ni = 0; ni < NH; ++ni)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) okb[mi] |= uint32_t(allowed(ss + j1, j0 + j1, mi, ni, e)) << (ni * 4 + e);
+                }
+            }
+            float s[MI][NH][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NH; ++ni) s[mi][ni][0] = s[mi][ni][1] = s[mi][ni][2] = s[mi][ni][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                uint32_t qa[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+                    ldsm_x4(qa[mi], sq + (wrow + mi * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int np = 0; np < NH / 2; ++np) {
+                    uint32_t kf[4];
+                    ldsm_x4(kf, sk + (j1 + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma16816(s[mi][2 * np], qa[mi], kf[0], kf[1]);
+                        mma16816(s[mi][2 * np + 1], qa[mi], kf[2], kf[3]);
+                    }
+                }
+            }
+
+            // Online softmax in base 2: x = s·scale·log2(e), p = 2^(x − m). P goes to bf16 pairs at
+            // once (the A fragments of P V), which frees the f32 scores.
+            uint32_t pa[MI][NH / 2][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int ni = 0; ni < NH; ++ni) {
+#pragma unroll
+                        for (int c = 0; c < 2; ++c) {
+                            const int e = 2 * hf + c;
+                            float x = s[mi][ni][e] * scale_log2;
+                            if constexpr (MASKED) {
+                                if (!((okb[mi] >> (ni * 4 + e)) & 1u)) x = -INFINITY;
+                            }
+                            s[mi][ni][e] = x;
+                            mx = fmaxf(mx, x);
+                        }
+                    }
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float mnew = fmaxf(m[mi][hf], mx);
+                    // Nothing allowed yet in this row: keep exponents finite (every p is 0 anyway).
+                    const float mu = mnew == -INFINITY ? 0.f : mnew;
+                    const float alpha = exp2f(m[mi][hf] - mu);
+                    m[mi][hf] = mnew;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int ni = 0; ni < NH; ++ni) {
+                        const float p0 = exp2f(s[mi][ni][2 * hf] - mu), p1 = exp2f(s[mi][ni][2 * hf + 1] - mu);
+                        sum += p0 + p1;
+                        // n-tile ni holds keys 8·ni …: register 2·(ni % 2) + hf of k-step ni / 2.
+                        pa[mi][ni / 2][2 * (ni % 2) + hf] = pack_bf16(p0, p1);
+                    }
+                    l[mi][hf] = l[mi][hf] * alpha + sum;
+#pragma unroll
+                    for (int di = 0; di < DI; ++di) {
+                        acc[mi][di][2 * hf] *= alpha;
+                        acc[mi][di][2 * hf + 1] *= alpha;
+                    }
+                }
+            }
+
+            // acc += P V.
+#pragma unroll
+            for (int ks = 0; ks < NH / 2; ++ks) {
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t vf[4];
+                    ldsm_x4_t(vf, sv + (j1 + ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma16816(acc[mi][2 * dp], pa[mi][ks], vf[0], vf[1]);
+                        mma16816(acc[mi][2 * dp + 1], pa[mi][ks], vf[2], vf[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // this stage is read; the next iteration refills it
+    };
+    // Without segments, tile n needs no mask when its last key, n·BN + BN − 1, is at most the
+    // block's first position.
+    const int nmasked = sgb ? ntiles : ntiles - min(ntiles, (off + m0 + 1) / BN);
+    for (; it < nmasked; ++it) step(Flag<true>{});
+    for (; it < ntiles; ++it) step(Flag<false>{});
+    cp_async_wait<0>();
+
+    // o = acc / l, lse = (m + log2 l)·ln 2. The warp's rows of sq are read by no other warp, so it
+    // stages its o there and writes whole 16-byte chunks.
+    __syncwarp();
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float lt = l[mi][hf];
+            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            const float inv = lt > 0.f ? 1.f / lt : 0.f;
+            const int rr = wrow + mi * 16 + gr + 8 * hf, r = m0 + rr;
+            if (r < tq && tc == 0)
+                lse[(int64_t(b) * H + h) * tq + r] = lt > 0.f ? (m[mi][hf] + log2f(lt)) * LN2 : -INFINITY;
+#pragma unroll
+            for (int di = 0; di < DI; ++di)
+                *reinterpret_cast<uint32_t*>(sq + rr * LD + di * 8 + 2 * tc) =
+                    pack_bf16(acc[mi][di][2 * hf] * inv, acc[mi][di][2 * hf + 1] * inv);
+        }
+    }
+    __syncwarp();
+    bf16* ob = o + (int64_t(b) * tq + m0) * qld + int64_t(h) * D;
+#pragma unroll
+    for (int u = 0; u < 16 * MI * DI / 32; ++u) {
+        const int c = lane + 32 * u, rr = c / DI, kc = c % DI;
+        if (m0 + wrow + rr < tq)
+            *reinterpret_cast<uint4*>(ob + (wrow + rr) * qld + kc * 8) =
+                *reinterpret_cast<const uint4*>(sq + (wrow + rr) * LD + kc * 8);
+    }
+}
+
+// ---- backward: dK, dV (and dQ through f32 atomics) for one block of keys ----
+template <int D, int WARPS, int BM>
+struct Bwd {
+    static constexpr int THREADS = WARPS * 32;
+    static constexpr int BN = WARPS * 16;  // keys a block: 16 a warp
+    static constexpr int LD = D + PAD;
+    static constexpr int LDS = BM + PAD;   // row stride of the dSᵀ tile
+    // K, V; two stages of {Q, dO, lse, delta, query segment ids}; dSᵀ.
+    static constexpr int STAGE = 2 * BM * LD * 2 + 3 * BM * 4;
+    static constexpr int SMEM = 2 * BN * LD * 2 + 2 * STAGE + BN * LDS * 2;
+};
+
+// Element index of dq_accum for (row-tile of 16 queries `t16` of head `bh` = b·H + h, column tile
+// `dt` of 8, fragment register `e`, lane): a warp's red of one register covers 128 contiguous bytes.
+__device__ __forceinline__ int64_t dq_index(int64_t bh, int nt16, int t16, int dt, int DI, int e, int lane) {
+    return (((bh * nt16 + t16) * DI + dt) * 4 + e) * 32 + lane;
+}
+
+template <int D, int WARPS, int BM>
+__device__ void dkv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                    const float* __restrict__ lse, const float* __restrict__ delta, const bf16* __restrict__ d_o,
+                    const uint32_t* __restrict__ seg, float* __restrict__ dq_acc, bf16* __restrict__ dk,
+                    bf16* __restrict__ dv, int tq, int tk, int H, int Hkv, float scale, float scale_log2) {
+    using C = Bwd<D, WARPS, BM>;
+    constexpr int BN = C::BN, LD = C::LD, LDS = C::LDS, THREADS = C::THREADS;
+    constexpr int NQ = BM / 8, DI = D / 8, KS = D / 16;
+    constexpr int WQ = BM / 16, WD = WARPS / WQ, NDQ = DI / WD;  // dQ: WQ × WD warps, NDQ column tiles each
+    static_assert(NQ * 4 <= 32 && WQ * WD == WARPS && NDQ % 2 == 0, "tile shape");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sk = reinterpret_cast<bf16*>(smem_raw);  // (BN, LD)
+    bf16* sv = sk + BN * LD;                        // (BN, LD)
+    unsigned char* stages = reinterpret_cast<unsigned char*>(sv + BN * LD);
+    bf16* sds = reinterpret_cast<bf16*>(stages + 2 * C::STAGE);  // dSᵀ: (BN, LDS)
+
+    const int b = blockIdx.x / Hkv, g = blockIdx.x - b * Hkv, n0 = blockIdx.y * BN;
+    const int group = H / Hkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+    const int off = tk - tq;
+    const int64_t qld = int64_t(H) * D, kld = int64_t(Hkv) * D;
+    const int64_t kvo = (int64_t(b) * tk + n0) * kld + int64_t(g) * D;
+    const uint32_t* sgb = seg ? seg + int64_t(b) * tk : nullptr;
+    const int nqt_all = (tq + BM - 1) / BM, nt16 = nqt_all * BM / 16;
+    // Query i sees key n0 iff off + i ≥ n0.
+    const int qt0 = max(0, n0 - off) / BM, nqt = nqt_all - qt0, iters = group * nqt;
+
+    auto stage_ptrs = [&](int st, bf16*& sq, bf16*& sdo, float*& sl, float*& sd, uint32_t*& sqs) {
+        unsigned char* p = stages + st * C::STAGE;
+        sq = reinterpret_cast<bf16*>(p);
+        sdo = sq + BM * LD;
+        sl = reinterpret_cast<float*>(sdo + BM * LD);
+        sd = sl + BM;
+        sqs = reinterpret_cast<uint32_t*>(sd + BM);
+    };
+    auto issue = [&](int i, int st) {
+        const int h = g * group + i / nqt, i0 = (qt0 + i % nqt) * BM;
+        bf16 *sq, *sdo;
+        float *sl, *sd;
+        uint32_t* sqs;
+        stage_ptrs(st, sq, sdo, sl, sd, sqs);
+        const int64_t qo = (int64_t(b) * tq + i0) * qld + int64_t(h) * D;
+        load_rows<D, BM, THREADS>(sq, q + qo, qld, tq - i0);
+        load_rows<D, BM, THREADS>(sdo, d_o + qo, qld, tq - i0);
+        const int64_t lo = (int64_t(b) * H + h) * tq + i0;
+        load_vec<BM, THREADS>(sl, lse + lo, tq - i0);
+        load_vec<BM, THREADS>(sd, delta + lo, tq - i0);
+        if (sgb) load_vec<BM, THREADS>(sqs, sgb + off + i0, tq - i0);
+    };
+
+    load_rows<D, BN, THREADS>(sk, k + kvo, kld, tk - n0);
+    load_rows<D, BN, THREADS>(sv, v + kvo, kld, tk - n0);
+    issue(0, 0);
+    cp_async_commit();
+
+    int key[2];
+    uint32_t kseg[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        key[hf] = n0 + warp * 16 + gr + 8 * hf;
+        kseg[hf] = (sgb && key[hf] < tk) ? sgb[key[hf]] : 0u;
+    }
+    float adk[DI][4], adv[DI][4];
+#pragma unroll
+    for (int di = 0; di < DI; ++di)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) adk[di][e] = adv[di][e] = 0.f;
+
+    for (int it = 0; it < iters; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < iters) issue(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int h = g * group + it / nqt, qt = qt0 + it % nqt, i0 = qt * BM;
+        bf16 *sq, *sdo;
+        float *sl, *sd;
+        uint32_t* sqs;
+        stage_ptrs(stage, sq, sdo, sl, sd, sqs);
+
+        // Sᵀ tile (the warp's 16 keys × BM queries) needs a mask at the causal edge, for query
+        // rows past Tq, and with segments.
+        const bool masked = sgb != nullptr || n0 + BN - 1 > off + i0 || i0 + BM > tq;
+        uint32_t okb = 0u;
+        if (masked) {
+#pragma unroll
+            for (int ni = 0; ni < NQ; ++ni) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = ni * 8 + 2 * tc + (e & 1), i = i0 + c, hf = e >> 1;
+                    const bool ok = i < tq && key[hf] <= off + i && (!sgb || sqs[c] == kseg[hf]);
+                    okb |= uint32_t(ok) << (ni * 4 + e);
+                }
+            }
+            if (sgb && !__syncthreads_or(okb != 0u)) continue;
+        }
+
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for the warp's keys.
+        float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+        for (int ni = 0; ni < NQ; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[ni][e] = dpt[ni][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            uint32_t ka[4], va[4];
+            ldsm_x4(ka, sk + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+            ldsm_x4(va, sv + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int np = 0; np < NQ / 2; ++np) {
+                const int ro = (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                uint32_t f[4];
+                ldsm_x4(f, sq + ro);
+                mma16816(st[2 * np], ka, f[0], f[1]);
+                mma16816(st[2 * np + 1], ka, f[2], f[3]);
+                ldsm_x4(f, sdo + ro);
+                mma16816(dpt[2 * np], va, f[0], f[1]);
+                mma16816(dpt[2 * np + 1], va, f[2], f[3]);
+            }
+        }
+
+        // Pᵀ = 2^(s·scale·log2 e − lse·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − delta); both as A fragments.
+        uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+        for (int ni = 0; ni < NQ; ++ni) {
+            const float2 lz = *reinterpret_cast<const float2*>(sl + ni * 8 + 2 * tc);
+            const float2 dz = *reinterpret_cast<const float2*>(sd + ni * 8 + 2 * tc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float lv = (e & 1) ? lz.y : lz.x, dv_ = (e & 1) ? dz.y : dz.x;
+                float p = exp2f(fmaf(st[ni][e], scale_log2, -lv * LOG2E));
+                if (masked && !((okb >> (ni * 4 + e)) & 1u)) p = 0.f;
+                st[ni][e] = p;
+                dpt[ni][e] = p * (dpt[ni][e] - dv_);
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < BM / 16; ++ks) {
+            pa[ks][0] = pack_bf16(st[2 * ks][0], st[2 * ks][1]);
+            pa[ks][1] = pack_bf16(st[2 * ks][2], st[2 * ks][3]);
+            pa[ks][2] = pack_bf16(st[2 * ks + 1][0], st[2 * ks + 1][1]);
+            pa[ks][3] = pack_bf16(st[2 * ks + 1][2], st[2 * ks + 1][3]);
+            da[ks][0] = pack_bf16(dpt[2 * ks][0], dpt[2 * ks][1]);
+            da[ks][1] = pack_bf16(dpt[2 * ks][2], dpt[2 * ks][3]);
+            da[ks][2] = pack_bf16(dpt[2 * ks + 1][0], dpt[2 * ks + 1][1]);
+            da[ks][3] = pack_bf16(dpt[2 * ks + 1][2], dpt[2 * ks + 1][3]);
+        }
+        // dSᵀ to shared memory for dQ (rows: keys, columns: queries).
+#pragma unroll
+        for (int ks = 0; ks < BM / 16; ++ks) {
+            bf16* row = sds + (warp * 16 + gr) * LDS + ks * 16 + 2 * tc;
+            *reinterpret_cast<uint32_t*>(row) = da[ks][0];
+            *reinterpret_cast<uint32_t*>(row + 8 * LDS) = da[ks][1];
+            *reinterpret_cast<uint32_t*>(row + 8) = da[ks][2];
+            *reinterpret_cast<uint32_t*>(row + 8 * LDS + 8) = da[ks][3];
+        }
+
+        // dV += Pᵀ dO, dK += dSᵀ Q (scaled on the way out).
+#pragma unroll
+        for (int ks = 0; ks < BM / 16; ++ks) {
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                const int ro = (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8;
+                uint32_t f[4];
+                ldsm_x4_t(f, sdo + ro);
+                mma16816(adv[2 * dp], pa[ks], f[0], f[1]);
+                mma16816(adv[2 * dp + 1], pa[ks], f[2], f[3]);
+                ldsm_x4_t(f, sq + ro);
+                mma16816(adk[2 * dp], da[ks], f[0], f[1]);
+                mma16816(adk[2 * dp + 1], da[ks], f[2], f[3]);
+            }
+        }
+        __syncthreads();  // dSᵀ complete
+
+        // dQ tile (BM × D) += dS K: warp (wq, wd) owns queries 16·wq … and column tiles wd·NDQ ….
+        const int wq = warp % WQ, wd = warp / WQ;
+        if (i0 + wq * 16 < tq) {
+            float aq[NDQ][4];
+#pragma unroll
+            for (int j = 0; j < NDQ; ++j) aq[j][0] = aq[j][1] = aq[j][2] = aq[j][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < BN / 16; ++ks) {
+                uint32_t a[4];
+                ldsm_x4_t(a, sds + (ks * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * LDS + wq * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int dp = 0; dp < NDQ / 2; ++dp) {
+                    uint32_t f[4];
+                    ldsm_x4_t(f, sk + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + wd * NDQ * 8 + dp * 16 +
+                                     (lane >> 4) * 8);
+                    mma16816(aq[2 * dp], a, f[0], f[1]);
+                    mma16816(aq[2 * dp + 1], a, f[2], f[3]);
+                }
+            }
+            const int64_t bh = int64_t(b) * H + h;
+            const int t16 = (i0 >> 4) + wq;
+#pragma unroll
+            for (int j = 0; j < NDQ; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) atomicAdd(dq_acc + dq_index(bh, nt16, t16, wd * NDQ + j, DI, e, lane), aq[j][e]);
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        if (key[hf] >= tk) continue;
+        const int64_t ko = (int64_t(b) * tk + key[hf]) * kld + int64_t(g) * D + 2 * tc;
+#pragma unroll
+        for (int di = 0; di < DI; ++di) {
+            *reinterpret_cast<uint32_t*>(dk + ko + di * 8) = pack_bf16(adk[di][2 * hf] * scale, adk[di][2 * hf + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv + ko + di * 8) = pack_bf16(adv[di][2 * hf], adv[di][2 * hf + 1]);
+        }
+    }
+}
+
+// dq = scale · dq_accum, from the fragment order of dq_index (nt16 row tiles of 16 a head) to
+// (B, Tq, H, D) bf16. One thread a pair of neighbouring columns.
+__device__ void dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq, int B, int tq, int H, int D,
+                           int nt16, float scale) {
+    const int DI = D / 8;
+    const int64_t pairs = int64_t(B) * H * nt16 * DI * 2 * 32;
+    for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs; p += int64_t(gridDim.x) * blockDim.x) {
+        const int lane = int(p & 31);
+        int64_t rest = p >> 5;
+        const int hf = int(rest & 1);
+        rest >>= 1;
+        const int dt = int(rest % DI);
+        rest /= DI;
+        const int t16 = int(rest % nt16);
+        const int64_t bh = rest / nt16;
+        const int row = t16 * 16 + (lane >> 2) + 8 * hf;
+        if (row >= tq) continue;
+        const int64_t bb = bh / H, h = bh - bb * H;
+        const float x = acc[dq_index(bh, nt16, t16, dt, DI, 2 * hf, lane)];
+        const float y = acc[dq_index(bh, nt16, t16, dt, DI, 2 * hf + 1, lane)];
+        *reinterpret_cast<uint32_t*>(dq + ((bb * tq + row) * H + h) * D + dt * 8 + 2 * (lane & 3)) =
+            pack_bf16(x * scale, y * scale);
+    }
+}
+
+}  // namespace flash
+
 #define FWD(NAME, T)                                                                                                 \
     GM_KERNEL void __launch_bounds__(THREADS, 1)                                                                        \
         NAME(const T* q, const T* k, const T* v, T* o, float* lse, const uint32_t* seg, float* opart, float* lpart, \
@@ -567,3 +1202,30 @@ DQ(attention_dq_bwd_bf16, __nv_bfloat16)
     }
 DKV(attention_dkv_bwd_f32, float)
 DKV(attention_dkv_bwd_bf16, __nv_bfloat16)
+
+// Flash kernels: D, warps, and (forward) 16-row tiles a warp and keys a tile, or (backward) query
+// rows a tile. The launchers mirror these numbers (kernels/src/attention.rs).
+#define FLASH_FWD(NAME, D, W, MI, BN, KH)                                                                               \
+    GM_KERNEL void __launch_bounds__(W * 32)                                                                         \
+        NAME(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, \
+             const uint32_t* seg, int tq, int tk, int H, int Hkv, float scale_log2) {                               \
+        flash::fwd<D, W, MI, BN, KH>(q, k, v, o, lse, seg, tq, tk, H, Hkv, scale_log2);                                  \
+    }
+FLASH_FWD(attention_flash64_fwd_bf16, 64, 4, 2, 64, 64)
+FLASH_FWD(attention_flash128_fwd_bf16, 128, 4, 2, 64, 32)
+
+#define FLASH_DKV(NAME, D, W, BM)                                                                                   \
+    GM_KERNEL void __launch_bounds__(W * 32)                                                                         \
+        NAME(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,              \
+             const float* delta, const __nv_bfloat16* d_o, const uint32_t* seg, float* dq_acc, __nv_bfloat16* dk,   \
+             __nv_bfloat16* dv, int tq, int tk, int H, int Hkv, float scale, float scale_log2) {                    \
+        flash::dkv<D, W, BM>(q, k, v, lse, delta, d_o, seg, dq_acc, dk, dv, tq, tk, H, Hkv, scale, scale_log2);      \
+    }
+FLASH_DKV(attention_flash64_dkv_bwd_bf16, 64, 8, 64)
+FLASH_DKV(attention_flash128_dkv_bwd_bf16, 128, 8, 64)
+
+GM_KERNEL void attention_dq_convert_bwd_bf16(const float* acc, __nv_bfloat16* dq, int B, int tq, int H, int D, int nt16,
+                                             float scale) {
+    flash::dq_convert(acc, dq, B, tq, H, D, nt16, scale);
+}
+

@@ -1,5 +1,10 @@
 //! Launchers of kernels/cuda/attention.cu: causal grouped-query attention, forward and backward,
-//! without storing the attention matrix (the stand-in until flash attention replaces it).
+//! without storing the attention matrix.
+//!
+//! bf16 with D = 64 or 128 runs the flash kernels (tensor cores, FlashAttention-2 layout): the
+//! forward for more than [`DECODE_MAX_TQ`] queries, the backward always. f32, other head
+//! dimensions, buffers not on a 16-byte boundary and decoding (few queries against a cache, split
+//! over the keys) run the SIMT kernels. Memory is O(T) either way: no (Tq, Tk) buffer exists.
 //!
 //! Semantics are those of [`gristmill_core::ops::attention`]: q and o are `(B, Tq, H, D)`, k and v
 //! `(B, Tk, Hkv, D)`, lse `(B, H, Tq)` f32; query `i` sits at position `Tk − Tq + i`, query head `h`
@@ -7,7 +12,7 @@
 
 use crate::Gpu;
 use crate::check::{self, BenchRow, Check, Work};
-use crate::error::{KernelError, Result, check_len};
+use crate::error::{KernelError, Result, check_len, to_i32};
 use crate::launch::{Float, grid_1d, ptr, ptr_mut};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, sys};
 use gristmill_core::ops::attention::{AttnShape, attention_bwd_ref, attention_fwd_ref};
@@ -26,6 +31,112 @@ pub const MAX_D: usize = 256;
 const MAX_SPLITS: usize = 64;
 /// Dynamic shared memory a block gets without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
+/// Queries up to which the forward keeps the split-key SIMT kernel (decoding against a cache).
+pub const DECODE_MAX_TQ: usize = 16;
+/// bf16 elements of padding after every shared-memory row of the flash kernels (PAD in the .cu).
+const FLASH_PAD: usize = 8;
+/// Largest grid y.
+const MAX_GRID_Y: usize = 65_535;
+
+/// One flash forward kernel and its tiles (FLASH_FWD in the .cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlashFwd {
+    kernel: &'static str,
+    d: usize,
+    warps: usize,
+    /// Query rows a block (16 a warp times the warp's row tiles).
+    rows: usize,
+    /// Keys a shared-memory tile.
+    keys: usize,
+}
+
+impl FlashFwd {
+    fn threads(&self) -> u32 {
+        (self.warps * 32) as u32
+    }
+
+    /// Q tile, two stages of K and V tiles (bf16, padded rows), two stages of key segment ids.
+    fn smem(&self) -> usize {
+        let ld = self.d + FLASH_PAD;
+        (self.rows * ld + 4 * self.keys * ld) * 2 + 2 * self.keys * 4
+    }
+}
+
+const FLASH_FWD: &[FlashFwd] = &[
+    FlashFwd { kernel: "attention_flash64_fwd_bf16", d: 64, warps: 4, rows: 128, keys: 64 },
+    FlashFwd { kernel: "attention_flash128_fwd_bf16", d: 128, warps: 4, rows: 128, keys: 64 },
+];
+
+/// One flash dK/dV kernel and its tiles (FLASH_DKV in the .cu): 16 keys a warp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlashBwd {
+    kernel: &'static str,
+    d: usize,
+    warps: usize,
+    /// Query rows a tile.
+    rows: usize,
+}
+
+impl FlashBwd {
+    fn threads(&self) -> u32 {
+        (self.warps * 32) as u32
+    }
+
+    /// Keys a block.
+    fn keys(&self) -> usize {
+        16 * self.warps
+    }
+
+    /// K and V tiles, two stages of {Q, dO, lse, delta, segment ids}, the dSᵀ tile.
+    fn smem(&self) -> usize {
+        let (ld, lds) = (self.d + FLASH_PAD, self.rows + FLASH_PAD);
+        let stage = 2 * self.rows * ld * 2 + 3 * self.rows * 4;
+        2 * self.keys() * ld * 2 + 2 * stage + self.keys() * lds * 2
+    }
+
+    /// Row tiles of 16 queries a head in dq_accum: Tq rounded up to whole query tiles.
+    fn row_tiles16(&self, tq: usize) -> usize {
+        tq.div_ceil(self.rows) * self.rows / 16
+    }
+}
+
+const FLASH_BWD: &[FlashBwd] = &[
+    FlashBwd { kernel: "attention_flash64_dkv_bwd_bf16", d: 64, warps: 8, rows: 64 },
+    FlashBwd { kernel: "attention_flash128_dkv_bwd_bf16", d: 128, warps: 8, rows: 64 },
+];
+
+/// Whether every address is on a 16-byte boundary (the flash kernels move 16-byte chunks).
+fn aligned16(ptrs: &[sys::CUdeviceptr]) -> bool {
+    ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// The flash forward for this call, or None where the SIMT kernels run: f32, another D, few
+/// queries, a buffer off a 16-byte boundary, or a GPU with less than `smem_max` bytes of shared
+/// memory a block (the 99 KiB of sm_86/sm_89 do not hold the D = 128 tiles).
+fn flash_fwd_for(bf16: bool, s: &AttnShape, ptrs: &[sys::CUdeviceptr], smem_max: usize) -> Option<&'static FlashFwd> {
+    let c = FLASH_FWD.iter().find(|c| c.d == s.d)?;
+    let fits = c.smem() <= smem_max && s.tq.div_ceil(c.rows) <= MAX_GRID_Y;
+    (bf16 && s.tq > DECODE_MAX_TQ && fits && aligned16(ptrs)).then_some(c)
+}
+
+/// The flash backward for this call, or None where the SIMT kernels run (as for the forward,
+/// at any number of queries).
+fn flash_bwd_for(bf16: bool, s: &AttnShape, ptrs: &[sys::CUdeviceptr], smem_max: usize) -> Option<&'static FlashBwd> {
+    let c = FLASH_BWD.iter().find(|c| c.d == s.d)?;
+    let fits = c.smem() <= smem_max && s.tk.div_ceil(c.keys()) <= MAX_GRID_Y;
+    (bf16 && fits && aligned16(ptrs)).then_some(c)
+}
+
+/// Shared memory a block may opt into on this GPU (0 if the driver cannot say).
+fn smem_max(gpu: &Gpu) -> usize {
+    let a = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+    gpu.context().attribute(a).map_or(0, |n| usize::try_from(n).unwrap_or(0))
+}
+
+/// scale · log2(e): the flash kernels take exponentials in base 2.
+fn scale_log2(scale: f32) -> f32 {
+    (f64::from(scale) * std::f64::consts::LOG2_E) as f32
+}
 
 /// The checked dimensions of one call, as the kernels take them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +256,68 @@ fn allow_smem(gpu: &Gpu, f: &CudaFunction, kernel: &'static str, smem: usize) ->
     Ok(())
 }
 
+/// The flash forward `c` on checked pointers [q, k, v, o, lse, segments or 0].
+fn launch_flash_fwd(gpu: &Gpu, c: &FlashFwd, p: [u64; 6], s: &AttnShape, dm: &Dims, scale: f32) -> Result<()> {
+    const K: &str = "attention_fwd";
+    let f = gpu.function(MODULE, c.kernel)?;
+    allow_smem(gpu, &f, K, c.smem())?;
+    let cfg = LaunchConfig {
+        grid_dim: ((s.b * s.h) as u32, s.tq.div_ceil(c.rows) as u32, 1),
+        block_dim: (c.threads(), 1, 1),
+        shared_mem_bytes: c.smem() as u32,
+    };
+    let sl2 = scale_log2(scale);
+    let [pq, pk, pv, po, pl, pseg] = p;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&pq).arg(&pk).arg(&pv).arg(&po).arg(&pl).arg(&pseg);
+    b.arg(&dm.tq).arg(&dm.tk).arg(&dm.h).arg(&dm.hkv).arg(&sl2);
+    // SAFETY: the caller checked every length against the shape: the kernel reads q (B·Tq·H·D),
+    // k and v (B·Tk·Hkv·D) and segments (B·Tk, or none when null) and writes o and lse, each of
+    // the checked size, in 16-byte chunks at 16-byte-aligned addresses (D is c.d). Grid
+    // (B·H, ⌈Tq / rows⌉), block and shared memory are those of its header; the grid fits
+    // (B·H ≤ B·Tq·H, checked by dims; ⌈Tq / rows⌉ ≤ 65535 by flash_fwd_for).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// The flash dK/dV kernel `c` and the dq conversion on checked pointers
+/// [q, k, v, lse, delta, d_o, segments or 0, dq, dk, dv], delta already computed.
+fn launch_flash_bwd(gpu: &Gpu, c: &FlashBwd, p: [u64; 10], s: &AttnShape, dm: &Dims, scale: f32) -> Result<()> {
+    const K: &str = "attention_bwd";
+    let [pq, pk, pv, pl, pdelta, pdo, pseg, pdq, pdk, pdv] = p;
+    // dq is summed over key blocks in f32 by atomics, in dq_index order (see the .cu).
+    let nt16 = c.row_tiles16(s.tq);
+    let mut acc = gpu.zeros::<f32>(s.b * s.h * nt16 * 16 * s.d)?;
+    let pacc = ptr_mut(gpu, &mut acc);
+    let f = gpu.function(MODULE, c.kernel)?;
+    allow_smem(gpu, &f, K, c.smem())?;
+    let cfg = LaunchConfig {
+        grid_dim: ((s.b * s.hkv) as u32, s.tk.div_ceil(c.keys()) as u32, 1),
+        block_dim: (c.threads(), 1, 1),
+        shared_mem_bytes: c.smem() as u32,
+    };
+    let sl2 = scale_log2(scale);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&pq).arg(&pk).arg(&pv).arg(&pl).arg(&pdelta).arg(&pdo).arg(&pseg).arg(&pacc).arg(&pdk).arg(&pdv);
+    b.arg(&dm.tq).arg(&dm.tk).arg(&dm.h).arg(&dm.hkv).arg(&scale).arg(&sl2);
+    // SAFETY: the caller checked every length against the shape: the kernel reads q, d_o
+    // (B·Tq·H·D), k, v (B·Tk·Hkv·D) in 16-byte chunks at 16-byte-aligned addresses, lse and delta
+    // (B·H·Tq), segments (B·Tk or null); it writes dk and dv (B·Tk·Hkv·D) and adds to acc,
+    // allocated above with B·H·nt16·16·D floats for the nt16 row tiles of 16 a head it indexes.
+    // Grid (B·Hkv, ⌈Tk / keys⌉ ≤ 65535 by flash_bwd_for), block and shared memory as in its header.
+    unsafe { b.launch(cfg) }?;
+
+    let f = gpu.function(MODULE, "attention_dq_convert_bwd_bf16")?;
+    let nt = to_i32(K, "Tq rounded up to whole query tiles", nt16)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&pacc).arg(&pdq).arg(&dm.b).arg(&dm.tq).arg(&dm.h).arg(&dm.d).arg(&nt).arg(&scale);
+    // SAFETY: grid-stride over the B·H·nt16·(D/8)·64 column pairs of acc (half its length);
+    // writes the pairs of rows below Tq into dq (B·Tq·H·D, checked, pair-aligned).
+    unsafe { b.launch(grid_1d(s.b * s.h * nt16 * s.d / 8 * 64, 256)) }?;
+    // acc is freed in stream order, after the conversion has read it.
+    Ok(())
+}
+
 /// Causal grouped-query attention forward: `o = softmax(scale · q kᵀ, causal/segment mask) v`.
 ///
 /// q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D); o: (B, Tq, H, D); lse: (B, H, Tq) f32, natural-log
@@ -175,6 +348,9 @@ pub fn attention_fwd<T: Float>(
     let (pq, pk, pv, po, pl) = (ptr(gpu, q), ptr(gpu, k), ptr(gpu, v), ptr_mut(gpu, o), ptr_mut(gpu, lse));
     for (what, p) in [("q", pq), ("k", pk), ("v", pv), ("o", po)] {
         check_aligned::<T>(K, what, p)?;
+    }
+    if let Some(c) = flash_fwd_for(T::IS_BF16, shape, &[pq, pk, pv, po], smem_max(gpu)) {
+        return launch_flash_fwd(gpu, c, [pq, pk, pv, po, pl, pseg], shape, &dm, scale);
     }
 
     let row_tiles = dm.rows.div_ceil(BLOCK_ROWS);
@@ -234,8 +410,11 @@ pub fn attention_fwd<T: Float>(
 /// q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D); o: (B, Tq, H, D) and lse: (B, H, Tq) from
 /// [`attention_fwd`] with the same `scale` and `segments`; d_o: (B, Tq, H, D).
 /// dq: (B, Tq, H, D); dk, dv: (B, Tk, Hkv, D), overwritten, each KV head receiving the sum over the
-/// query heads of its group. Uses delta_i = rowsum(dO ∘ O) and recomputes P from lse; no atomics,
-/// so the result is deterministic. Shape rules as for [`attention_fwd`].
+/// query heads of its group. Uses delta_i = rowsum(dO ∘ O) and recomputes P from lse. The SIMT
+/// kernels use no atomics; the flash kernels (bf16, D = 64 or 128) form dk and dv in one block's
+/// registers (deterministic) and sum dq over blocks of 128 keys with f32 atomics, so dq of a query
+/// that sees more than two such blocks may differ in its last bits from run to run. Shape rules as
+/// for [`attention_fwd`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Float>(
     gpu: &Gpu,
@@ -267,7 +446,7 @@ pub fn attention_bwd<T: Float>(
     for (what, p) in [("q", pq), ("k", pk), ("v", pv), ("o", po), ("d_o", pdo), ("dq", pdq), ("dk", pdk), ("dv", pdv)] {
         check_aligned::<T>(K, what, p)?;
     }
-    let smem = smem_bwd(shape.d);
+    let flash = flash_bwd_for(T::IS_BF16, shape, &[pq, pk, pv, pdo, pdq, pdk, pdv], smem_max(gpu));
 
     let mut delta = gpu.alloc::<f32>(dm.lse_len)?;
     let pdelta = ptr_mut(gpu, &mut delta);
@@ -278,6 +457,11 @@ pub fn attention_bwd<T: Float>(
     // d_o per row and writes one float of delta per row, B·H·Tq in all, as allocated.
     unsafe { b.launch(grid_1d(dm.lse_len * 32, 256)) }?;
 
+    if let Some(c) = flash {
+        return launch_flash_bwd(gpu, c, [pq, pk, pv, pl, pdelta, pdo, pseg, pdq, pdk, pdv], shape, &dm, scale);
+    }
+
+    let smem = smem_bwd(shape.d);
     let f = gpu.function(MODULE, T::pick("attention_dq_bwd_f32", "attention_dq_bwd_bf16"))?;
     allow_smem(gpu, &f, K, smem)?;
     let cfg = LaunchConfig {
@@ -312,9 +496,10 @@ pub fn attention_bwd<T: Float>(
 /// tests measure about 1e-6 for f32.
 const TOL_FWD_F32: f64 = 2e-5;
 const TOL_BWD_F32: f64 = 2e-5;
-/// bf16: o and the gradients are rounded to bf16 on the way out (up to 2⁻⁸ of a value).
+/// bf16: o and the gradients are rounded to bf16 on the way out (up to 2⁻⁸ of a value), and the
+/// flash kernels round P and dS to bf16 for their tensor-core products.
 const TOL_FWD_BF16: f64 = 1e-2;
-const TOL_BWD_BF16: f64 = 1e-2;
+const TOL_BWD_BF16: f64 = 1.5e-2;
 
 /// Inputs of one self-test case, already rounded through T.
 struct Case {
@@ -382,36 +567,55 @@ fn run_case<T: Float>(gpu: &Gpu, c: &Case) -> Result<(f64, f64, f64)> {
     Ok((fwd, e_dq, e_dkv))
 }
 
+fn describe(s: &AttnShape) -> String {
+    format!("B={} Tq={} Tk={} H={} Hkv={} D={}", s.b, s.tq, s.tk, s.h, s.hkv, s.d)
+}
+
+fn check(kernel: &'static str, shape: &AttnShape, rel_err: f64, tol: f64) -> Check {
+    Check { kernel, shape: describe(shape), rel_err, tol }
+}
+
+/// Segment ids of `t`-long rows: row 0 three examples, row 1 two and padding, row 2 ids that are
+/// not contiguous (the mask only compares them).
+fn packed_segments(b: usize, t: usize) -> Vec<u32> {
+    (0..b * t)
+        .map(|x| {
+            let (row, j) = (x / t, x % t);
+            match row % 3 {
+                0 => (3 * j / t) as u32,
+                1 => u32::from(j >= t / 2) + 4 + 5 * u32::from(j >= t - t / 8),
+                _ => (j % 3) as u32,
+            }
+        })
+        .collect()
+}
+
 fn self_test_dtype<T: Float>(gpu: &Gpu, tol_fwd: f64, tol_bwd: f64) -> Result<Vec<Check>> {
-    // Packed: three examples in row 0, two and padding in row 1; ragged T, GQA 3, D = 80.
-    let train = AttnShape { b: 2, tq: 37, tk: 37, h: 6, hkv: 2, d: 80 };
-    let mut seg = vec![0u32; 74];
-    for (j, s) in seg.iter_mut().enumerate() {
-        *s = match j {
-            0..=9 => 0,
-            10..=29 => 1,
-            30..=36 => 2,
-            37..=52 => 3,
-            53..=69 => 4,
-            _ => 9,
-        };
-    }
-    let (fwd, dq, dkv) = run_case::<T>(gpu, &Case::new::<T>(train, Some(seg), 1))?;
+    // Packed: ragged T, GQA 3, D = 80 (the SIMT kernels at every dtype).
+    let train = AttnShape { b: 3, tq: 37, tk: 37, h: 6, hkv: 2, d: 80 };
+    let (fwd, dq, dkv) = run_case::<T>(gpu, &Case::new::<T>(train, Some(packed_segments(3, 37)), 1))?;
     // Decoding 3 tokens against 300 cached ones: one block of rows, so the keys are split.
-    let decode = AttnShape { b: 1, tq: 3, tk: 300, h: 4, hkv: 1, d: 64 };
+    let decode = AttnShape { b: 1, tq: 3, tk: 300, h: 4, hkv: 1, d: 80 };
     let (split, _, _) = run_case::<T>(gpu, &Case::new::<T>(decode, None, 5))?;
-    let check = |kernel, shape: &AttnShape, rel_err, tol| Check {
-        kernel,
-        shape: format!("B={} Tq={} Tk={} H={} Hkv={} D={}", shape.b, shape.tq, shape.tk, shape.h, shape.hkv, shape.d),
-        rel_err,
-        tol,
-    };
-    Ok(vec![
+    let mut out = vec![
         check(T::pick("attention_fwd_f32", "attention_fwd_bf16"), &train, fwd, tol_fwd),
         check(T::pick("attention_combine_fwd_f32", "attention_combine_fwd_bf16"), &decode, split, tol_fwd),
         check(T::pick("attention_dq_bwd_f32", "attention_dq_bwd_bf16"), &train, dq, tol_bwd),
         check(T::pick("attention_dkv_bwd_f32", "attention_dkv_bwd_bf16"), &train, dkv, tol_bwd),
-    ])
+    ];
+    if T::IS_BF16 {
+        // The flash kernels: packed rows at D = 64, ragged GQA 4 at D = 128.
+        let d64 = AttnShape { b: 3, tq: 130, tk: 130, h: 6, hkv: 2, d: 64 };
+        let (fwd, dq, dkv) = run_case::<T>(gpu, &Case::new::<T>(d64, Some(packed_segments(3, 130)), 7))?;
+        out.push(check("attention_flash64_fwd_bf16", &d64, fwd, tol_fwd));
+        out.push(check("attention_flash64_dkv_bwd_bf16", &d64, dkv, tol_bwd));
+        out.push(check("attention_dq_convert_bwd_bf16", &d64, dq, tol_bwd));
+        let d128 = AttnShape { b: 1, tq: 150, tk: 150, h: 8, hkv: 2, d: 128 };
+        let (fwd, dq, dkv) = run_case::<T>(gpu, &Case::new::<T>(d128, None, 9))?;
+        out.push(check("attention_flash128_fwd_bf16", &d128, fwd, tol_fwd));
+        out.push(check("attention_flash128_dkv_bwd_bf16", &d128, dkv.max(dq), tol_bwd));
+    }
+    Ok(out)
 }
 
 /// Every kernel of this module against its CPU reference on small, awkward shapes.
@@ -421,17 +625,33 @@ pub fn self_test(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(out)
 }
 
-/// Every kernel of this module at realistic sizes: a Llama-8B-like layer (H = 32, Hkv = 8,
-/// D = 128) at T = 2048, forward and forward + backward, and one decode step against a 4096-token
-/// cache; bf16.
+/// Training shapes of the benchmark: a Llama-8B-like layer (H = 32, Hkv = 8, D = 128) at
+/// B·T = 2·2048 and 1·8192, and SmolLM2-135M's (H = 9, Hkv = 3, D = 64) at 8·2048.
+pub const BENCH_TRAIN: [AttnShape; 3] = [
+    AttnShape { b: 2, tq: 2048, tk: 2048, h: 32, hkv: 8, d: 128 },
+    AttnShape { b: 1, tq: 8192, tk: 8192, h: 32, hkv: 8, d: 128 },
+    AttnShape { b: 8, tq: 2048, tk: 2048, h: 9, hkv: 3, d: 64 },
+];
+
+/// Decode shapes of the benchmark: one new token against a cache.
+pub const BENCH_DECODE: [AttnShape; 2] = [
+    AttnShape { b: 1, tq: 1, tk: 4096, h: 32, hkv: 8, d: 128 },
+    AttnShape { b: 8, tq: 1, tk: 2048, h: 9, hkv: 3, d: 64 },
+];
+
+/// Causal FLOPs of one forward: half of the 2·2·B·H·Tq·Tk·D of its two products.
+pub fn causal_fwd_flops(s: &AttnShape) -> f64 {
+    4.0 * (s.b * s.h) as f64 * s.tq as f64 * s.tk as f64 * s.d as f64 / 2.0
+}
+
+/// Every kernel of this module at realistic sizes, bf16: forward and forward + backward of
+/// [`BENCH_TRAIN`] (TFLOP/s, the backward counted as 2.5 forwards), and decoding
+/// ([`BENCH_DECODE`], GB/s).
 pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let train = AttnShape { b: 1, tq: 2048, tk: 2048, h: 32, hkv: 8, d: 128 };
-    let decode = AttnShape { tq: 1, tk: 4096, ..train };
-    let describe = |s: &AttnShape| format!("B={} Tq={} Tk={} H={} Hkv={} D={}", s.b, s.tq, s.tk, s.h, s.hkv, s.d);
-    let scale = 1.0 / (train.d as f32).sqrt();
-
-    for (s, seed) in [(train, 10u64), (decode, 20)] {
+    for (i, s) in BENCH_TRAIN.iter().chain(&BENCH_DECODE).enumerate() {
+        let seed = 10 * i as u64;
+        let scale = 1.0 / (s.d as f32).sqrt();
         let (nq, nkv, nl) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d, s.b * s.h * s.tq);
         let q = upload_as::<bf16>(gpu, &check::test_data(nq, seed, 1.0))?;
         let k = upload_as::<bf16>(gpu, &check::test_data(nkv, seed + 1, 1.0))?;
@@ -439,37 +659,36 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let mut o = gpu.zeros::<bf16>(nq)?;
         let mut lse = gpu.zeros::<f32>(nl)?;
         let t_fwd =
-            check::time_median(gpu, 5, 20, || attention_fwd(gpu, &q, &k, &v, &mut o, &mut lse, &s, scale, None))?;
-        if s.tq == 1 {
+            check::time_median(gpu, 5, 20, || attention_fwd(gpu, &q, &k, &v, &mut o, &mut lse, s, scale, None))?;
+        if s.tq <= DECODE_MAX_TQ {
             // Decoding is memory-bound: q, k, v read, o and lse written.
             let bytes = (2 * (nq + 2 * nkv + nq) + 4 * nl) as f64;
             rows.push(BenchRow {
                 kernel: "attention_fwd_bf16",
-                shape: describe(&s),
+                shape: describe(s),
                 seconds: t_fwd,
                 work: Work::Bytes(bytes),
             });
             continue;
         }
-        // Causal: half of the 2·2·B·H·T²·D FLOPs of the two products.
-        let flops = 4.0 * (s.b * s.h) as f64 * (s.tq as f64) * (s.tk as f64) * s.d as f64 / 2.0;
+        let flops = causal_fwd_flops(s);
         rows.push(BenchRow {
             kernel: "attention_fwd_bf16",
-            shape: describe(&s),
+            shape: describe(s),
             seconds: t_fwd,
             work: Work::Flops(flops),
         });
 
         let d_o = upload_as::<bf16>(gpu, &check::test_data(nq, seed + 3, 1.0))?;
         let (mut dq, mut dk, mut dv) = (gpu.zeros::<bf16>(nq)?, gpu.zeros::<bf16>(nkv)?, gpu.zeros::<bf16>(nkv)?);
-        let t_all = check::time_median(gpu, 5, 20, || {
-            attention_fwd(gpu, &q, &k, &v, &mut o, &mut lse, &s, scale, None)?;
-            attention_bwd(gpu, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv, &s, scale, None)
+        let t_all = check::time_median(gpu, 3, 10, || {
+            attention_fwd(gpu, &q, &k, &v, &mut o, &mut lse, s, scale, None)?;
+            attention_bwd(gpu, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv, s, scale, None)
         })?;
         // The backward's five products are 2.5 times the forward's two.
         rows.push(BenchRow {
             kernel: "attention_fwd+bwd_bf16",
-            shape: describe(&s),
+            shape: describe(s),
             seconds: t_all,
             work: Work::Flops(3.5 * flops),
         });
@@ -533,5 +752,68 @@ mod tests {
         assert_eq!(fwd_splits(1, 1, 132), 1);
         assert_eq!(fwd_splits(0, 3, 0), 1);
         assert_eq!(fwd_splits(527, 100, 132), 2);
+    }
+    #[test]
+    fn flash_tables_match_the_cuda_instantiations() {
+        // FLASH_FWD(name, D, warps, row tiles a warp, keys a tile, keys a step) and
+        // FLASH_DKV(name, D, warps, query rows a tile) in the .cu.
+        let cu = include_str!("../cuda/attention.cu");
+        let args = |line: &str| -> Vec<String> {
+            let inner = &line[line.find('(').unwrap() + 1..line.rfind(')').unwrap()];
+            inner.split(',').map(|x| x.trim().to_string()).collect()
+        };
+        let num = |x: &str| x.parse::<usize>().unwrap();
+        for c in FLASH_FWD {
+            let line = cu.lines().find(|l| l.starts_with(&format!("FLASH_FWD({},", c.kernel))).unwrap();
+            let a = args(line);
+            assert_eq!(
+                (num(&a[1]), num(&a[2]), 16 * num(&a[2]) * num(&a[3]), num(&a[4])),
+                (c.d, c.warps, c.rows, c.keys)
+            );
+        }
+        for c in FLASH_BWD {
+            let line = cu.lines().find(|l| l.starts_with(&format!("FLASH_DKV({},", c.kernel))).unwrap();
+            let a = args(line);
+            assert_eq!((num(&a[1]), num(&a[2]), num(&a[3])), (c.d, c.warps, c.rows));
+        }
+    }
+
+    #[test]
+    fn flash_shared_memory() {
+        // Q tile 128 × (128 + 8) bf16, two stages of K and V 64 × 136, segment ids 2 × 64.
+        assert_eq!(FLASH_FWD[1].smem(), (128 * 136 + 4 * 64 * 136) * 2 + 2 * 64 * 4);
+        // K, V 128 × 136; two stages of Q and dO 64 × 136 plus 3 × 64 floats; dSᵀ 128 × 72.
+        assert_eq!(FLASH_BWD[1].smem(), 2 * 128 * 136 * 2 + 2 * (2 * 64 * 136 * 2 + 3 * 64 * 4) + 128 * 72 * 2);
+        // Everything fits an A100 or H100 (163 / 227 KiB a block); D = 64 also fits sm_86/sm_89.
+        for c in FLASH_FWD {
+            assert!(c.smem() <= 163 * 1024, "{}", c.kernel);
+        }
+        for c in FLASH_BWD {
+            assert!(c.smem() <= 163 * 1024, "{}", c.kernel);
+        }
+        assert!(FLASH_FWD[0].smem() <= 99 * 1024 && FLASH_BWD[0].smem() <= 99 * 1024);
+        assert_eq!(FLASH_BWD[1].row_tiles16(1), 4);
+        assert_eq!(FLASH_BWD[1].row_tiles16(129), 12);
+    }
+
+    #[test]
+    fn flash_path_only_where_it_applies() {
+        let (big, ok) = (227 * 1024, [0x1000u64, 0x2000]);
+        let train = shape(2, 300, 300, 8, 2, 128);
+        assert_eq!(flash_fwd_for(true, &train, &ok, big).map(|c| c.d), Some(128));
+        assert_eq!(flash_bwd_for(true, &train, &ok, big).map(|c| c.d), Some(128));
+        assert!(flash_fwd_for(false, &train, &ok, big).is_none(), "f32");
+        assert!(flash_bwd_for(false, &train, &ok, big).is_none(), "f32");
+        assert!(flash_fwd_for(true, &shape(2, 300, 300, 8, 2, 80), &ok, big).is_none(), "D = 80");
+        assert!(flash_fwd_for(true, &train, &[0x1000, 0x2004], big).is_none(), "off 16 bytes");
+        assert!(flash_bwd_for(true, &train, &[0x1004], big).is_none(), "off 16 bytes");
+        assert!(flash_fwd_for(true, &train, &ok, 99 * 1024).is_none(), "99 KiB");
+        assert_eq!(flash_fwd_for(true, &shape(2, 300, 300, 8, 2, 64), &ok, 99 * 1024).map(|c| c.d), Some(64));
+        // Decoding keeps the split-key kernel; its backward is flash.
+        let decode = shape(1, DECODE_MAX_TQ, 4096, 32, 8, 128);
+        assert!(flash_fwd_for(true, &decode, &ok, big).is_none());
+        assert!(flash_bwd_for(true, &decode, &ok, big).is_some());
+        assert!(flash_fwd_for(true, &shape(1, DECODE_MAX_TQ + 1, 4096, 32, 8, 128), &ok, big).is_some());
+        assert!((scale_log2(0.125) - 0.125 * std::f32::consts::LOG2_E).abs() < 1e-7);
     }
 }
