@@ -36,10 +36,12 @@
 //   tile (8 KiB each: fwd 128 rows n × 32 k, bwd 32 rows n × 128 k — the weight keeps its own
 //   orientation, so the forward reads it with ldmatrix and the backward with ldmatrix.trans).
 //   Rows are 16-byte chunks XOR-swizzled by row, so 8-row ldmatrix phases hit 8 bank groups.
-//   Pipeline, one barrier a k-tile: iteration kt issues the copies of tile kt + 3, multiplies
-//   tile kt, then expands the codes of tile kt + 1 (copied two iterations earlier) into the other
-//   weight buffer; its block scales were loaded into registers before the products, so their
-//   latency hides behind them. Each thread expands 16 codes of one block a k-tile.
+//   Pipeline, one barrier a k-tile: iteration kt issues the copies of tile kt + 3, then multiplies
+//   tile kt and, between its two mma steps, expands the codes of tile kt + 1 (copied two
+//   iterations earlier) into the other weight buffer — one basic block, so the compiler
+//   interleaves the expansion with the products. Block scales are loaded into registers two
+//   tiles ahead. Each thread expands 16 codes of one block a k-tile (fast path: a compile-time
+//   instantiation, chosen once a launch).
 //   Fast path: K % 32 == 0 (every 16-byte run of codes is one row and one block). Otherwise
 //   (fast = 0) the weight tile is expanded element by element from global memory, with bounds
 //   checks, in the same place of the pipeline. The activation tile is copied in 16-byte chunks
@@ -221,12 +223,6 @@ __device__ __forceinline__ uint64_t mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
-}
-
-// Element i's factor: 0 when u_i < p, keep otherwise; key = mix(seed).
-__device__ __forceinline__ float drop_factor(uint64_t key, unsigned long long i, float p, float keep) {
-    const float u = float(mix(key + (i + 1ull) * GOLDEN) >> 40) * (1.f / 16777216.f);
-    return u < p ? 0.f : keep;
 }
 
 // The factor of the element whose counter is ctr = key + (i + 1)·γ: consecutive elements'
@@ -567,6 +563,7 @@ __device__ __forceinline__ void nf4_gemm_body(const __nv_bfloat16* __restrict__ 
         cp_wait<0>();
         __syncthreads();
         const uint64_t key = mix(seed);
+        const uint64_t rows8 = 8ull * (unsigned long long)K * GOLDEN;  // counter step of 8 rows
 #pragma unroll
         for (int q = 0; q < G_NT / 2; ++q) {
             float tmp[G_MT][2][4];
@@ -592,6 +589,10 @@ __device__ __forceinline__ void nf4_gemm_body(const __nv_bfloat16* __restrict__ 
                     mma16816(tmp[i][1], a4, b4[2], b4[3]);
                 }
             }
+            // Element (row, col)'s mask counter is key + (row·K + col + 1)·γ: from this thread's
+            // first element the others are whole multiples of γ and 8·K·γ away.
+            const int row0 = m0 + wm0 + (lane >> 2), col0 = n0 + wn0 + 16 * q + 2 * (lane & 3);
+            const uint64_t base = key + ((unsigned long long)row0 * K + col0 + 1) * GOLDEN;
 #pragma unroll
             for (int i = 0; i < G_MT; ++i)
 #pragma unroll
@@ -600,9 +601,9 @@ __device__ __forceinline__ void nf4_gemm_body(const __nv_bfloat16* __restrict__ 
                     for (int x = 0; x < 4; ++x) {
                         float f = s;
                         if (BWD && p > 0.f) {
-                            const int row = m0 + wm0 + 16 * i + (lane >> 2) + 8 * (x >> 1);
-                            const int col = n0 + wn0 + 16 * q + 8 * e + 2 * (lane & 3) + (x & 1);
-                            f *= drop_factor(key, (unsigned long long)row * K + col, p, keep);
+                            const uint64_t ctr =
+                                base + (uint64_t)(2 * i + (x >> 1)) * rows8 + (uint64_t)(8 * e + (x & 1)) * GOLDEN;
+                            f *= drop_at(ctr, p, keep);
                         }
                         acc[i][2 * q + e][x] += f * tmp[i][e][x];
                     }

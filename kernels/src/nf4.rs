@@ -924,6 +924,7 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
         let t = check::time_median(gpu, 5, 20, || gemm::nf4_matmul_nt(gpu, &x, &ws, &mut y, m, 1.0, 0.0))?;
         rows.push(BenchRow { kernel: "nf4_matmul_nt_bf16", shape: fwd, seconds: t, work: Work::Flops(flops(m, n, k)) });
         let t = check::time_median(gpu, 5, 20, || nf4_gemm_bwd(gpu, &dy, &w, &mut dx, m, 1.0, 0.0))?;
+        let bwd_key = bwd.clone();
         rows.push(BenchRow {
             kernel: "nf4_gemm_bwd_bf16",
             shape: bwd.clone(),
@@ -966,6 +967,20 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
                 ("lora_grad_r16_bwd_bf16", "dA = s vᵀ (x∘mask)", m * k),
                 ("lora_grad_r16_bwd_bf16", "dB = s dyᵀ u", m * n),
             ];
+            // The backward's NF4 product with its rank term, without and with the mask.
+            let pdx = ptr_mut(gpu, &mut dx);
+            for (tag, tmask) in [("s·(v A)", Mask::NONE), ("s·(v A)∘mask", mask)] {
+                let tail = Tail { u: ps, w: pa, r: r as i32, s: 2.0, mask: tmask };
+                let t = check::time_median(gpu, 5, 20, || {
+                    launch_tiled(gpu, "nf4 bench", true, pdy, &w, pdx, m, 1.0, 0.0, &tail)
+                })?;
+                rows.push(BenchRow {
+                    kernel: "nf4_gemm_bwd_bf16",
+                    shape: format!("{bwd_key} + {tag} r={r}"),
+                    seconds: t,
+                    work: Work::Flops(flops(m, n, k) + 2.0 * (m * r * k) as f64),
+                });
+            }
             for (i, (kernel, what, elems)) in parts.into_iter().enumerate() {
                 let t = check::time_median(gpu, 5, 20, || match i {
                     0 => launch_down(gpu, true, px, pa, ps, m, k, r, mask),
