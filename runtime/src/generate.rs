@@ -198,7 +198,7 @@ impl<'a> Runner<'a> {
             crate::Device::Cpu => Ok(Runner::Cpu(CpuBackend::new(model))),
             #[cfg(feature = "cuda")]
             crate::Device::Cuda(gpu) => {
-                Ok(Runner::Cuda(Box::new(crate::backend::cuda::CudaBackend::new(gpu.clone(), model)?)))
+                Ok(Runner::Cuda(Box::new(crate::backend::cuda::CudaBackend::for_decoding(gpu.clone(), model)?)))
             }
         }
     }

@@ -22,6 +22,7 @@ use gristmill_core::rng::mix64;
 use gristmill_kernels::Float;
 use gristmill_kernels::convert::cast;
 use gristmill_kernels::gemm::{Layout, Nf4Weight, gemm, nf4_matmul_nn, nf4_matmul_nt};
+use gristmill_kernels::nf4::{GEMV_MAX_M, Nf4Matrix, nf4_gemv};
 use gristmill_kernels::{Gpu, attention as attn, elementwise as ew, loss, optim};
 use std::sync::Arc;
 
@@ -29,10 +30,14 @@ use std::sync::Arc;
 const CE_LOGITS: usize = 1 << 26;
 
 /// A frozen linear weight on the GPU.
+// One per linear layer (a few hundred at most): the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum GpuWeight<T> {
     /// (N, K)
     Dense(CudaSlice<T>),
-    Nf4(Nf4Weight),
+    /// NF4 for the dequantize + GEMM products, and, when the backend decodes, the same weight for
+    /// the one-pass GEMV of 1…16 rows (it needs weights quantized from bf16).
+    Nf4(Nf4Weight, Option<Nf4Matrix>),
 }
 
 /// Where an adapter's factors sit in the flat LoRA buffers.
@@ -134,10 +139,14 @@ fn up_t<T: Float>(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<T>> {
     Ok(gpu.upload(&host)?)
 }
 
-fn upload_linear<T: Float>(gpu: &Gpu, lin: &Linear, slot: Option<LoraSlot>) -> Result<GpuLinear<T>> {
+fn upload_linear<T: Float>(gpu: &Gpu, lin: &Linear, slot: Option<LoraSlot>, gemv: bool) -> Result<GpuLinear<T>> {
     let weight = match &lin.weight {
         Weight::Dense(w) => GpuWeight::Dense(up_t(gpu, w)?),
-        Weight::Nf4(w) => GpuWeight::Nf4(Nf4Weight::upload(gpu, w)?),
+        Weight::Nf4(w) => {
+            // A weight the GEMV cannot take (not bf16-sourced) keeps the general path.
+            let mat = if gemv { Nf4Matrix::upload(gpu, w).ok() } else { None };
+            GpuWeight::Nf4(Nf4Weight::upload(gpu, w)?, mat)
+        }
     };
     let bias = lin.bias.as_ref().map(|b| up_t(gpu, b)).transpose()?;
     Ok(GpuLinear { weight, bias, lora: slot, n: lin.n, k: lin.k })
@@ -145,8 +154,18 @@ fn upload_linear<T: Float>(gpu: &Gpu, lin: &Linear, slot: Option<LoraSlot>) -> R
 
 impl<T: Float> CudaBackend<T> {
     /// Uploads `model` (frozen weights as they are held: dense f32 or NF4; LoRA factors into the
-    /// flat buffer).
+    /// flat buffer) for training and evaluation.
     pub fn new(gpu: Arc<Gpu>, model: &LlamaModel) -> Result<Self> {
+        Self::with_decode(gpu, model, false)
+    }
+
+    /// [`CudaBackend::new`] for generation: NF4 weights also go up in the layout of the one-pass
+    /// GEMV that decodes 1…16 tokens at a time (a second copy of the 4-bit weights).
+    pub fn for_decoding(gpu: Arc<Gpu>, model: &LlamaModel) -> Result<Self> {
+        Self::with_decode(gpu, model, true)
+    }
+
+    fn with_decode(gpu: Arc<Gpu>, model: &LlamaModel, decode: bool) -> Result<Self> {
         let cfg = model.cfg.clone();
         let mut host_lora: Vec<f32> = Vec::new();
         let mut lora_layout = Vec::new();
@@ -163,13 +182,13 @@ impl<T: Float> CudaBackend<T> {
                     lora_layout.push((b, ad.b.len()));
                     LoraSlot { a, b, r: ad.r, scale: ad.scale }
                 });
-                lins.push(upload_linear(&gpu, lin, slot)?);
+                lins.push(upload_linear(&gpu, lin, slot, decode)?);
             }
             let lin: [GpuLinear<T>; 7] =
                 lins.try_into().map_err(|_| Error::Invalid("a layer has seven linear layers".into()))?;
             layers.push(GpuLayer { attn_norm: up(&gpu, &l.attn_norm)?, mlp_norm: up(&gpu, &l.mlp_norm)?, lin });
         }
-        let lm_head = model.lm_head.as_ref().map(|h| upload_linear(&gpu, h, None)).transpose()?;
+        let lm_head = model.lm_head.as_ref().map(|h| upload_linear(&gpu, h, None, decode)).transpose()?;
         if host_lora.is_empty() {
             host_lora.push(0.0);
         }
@@ -290,7 +309,8 @@ impl<T: Float> CudaBackend<T> {
     fn base_fwd(&self, lin: &GpuLinear<T>, x: &CudaSlice<T>, y: &mut CudaSlice<T>, m: usize) -> Result<()> {
         match &lin.weight {
             GpuWeight::Dense(w) => gemm::<T, T>(&self.gpu, Layout::NT, m, lin.n, lin.k, x, w, y, 1.0, 0.0)?,
-            GpuWeight::Nf4(w) => nf4_matmul_nt::<T>(&self.gpu, x, w, y, m, 1.0, 0.0)?,
+            GpuWeight::Nf4(_, Some(mat)) if m <= GEMV_MAX_M => nf4_gemv::<T>(&self.gpu, x, mat, y, m, 1.0, 0.0)?,
+            GpuWeight::Nf4(w, _) => nf4_matmul_nt::<T>(&self.gpu, x, w, y, m, 1.0, 0.0)?,
         }
         if let Some(b) = &lin.bias {
             self.add_bias(y, b, m, lin.n)?;
@@ -320,7 +340,7 @@ impl<T: Float> CudaBackend<T> {
     ) -> Result<()> {
         match &lin.weight {
             GpuWeight::Dense(w) => gemm::<T, T>(&self.gpu, Layout::NN, m, lin.k, lin.n, dy, w, dx, 1.0, beta)?,
-            GpuWeight::Nf4(w) => nf4_matmul_nn::<T>(&self.gpu, dy, w, dx, m, 1.0, beta)?,
+            GpuWeight::Nf4(w, _) => nf4_matmul_nn::<T>(&self.gpu, dy, w, dx, m, 1.0, beta)?,
         }
         Ok(())
     }
@@ -332,7 +352,7 @@ impl<T: Float> CudaBackend<T> {
             None => gemm::<T, f32>(&self.gpu, Layout::NT, n, v, c, h, &self.embed, logits, 1.0, 0.0)?,
             Some(lin) => match &lin.weight {
                 GpuWeight::Dense(w) => gemm::<T, f32>(&self.gpu, Layout::NT, n, v, c, h, w, logits, 1.0, 0.0)?,
-                GpuWeight::Nf4(w) => {
+                GpuWeight::Nf4(w, _) => {
                     // The NF4 products give T; the loss reads f32.
                     let mut lt = self.gpu.alloc::<T>(n * v)?;
                     nf4_matmul_nt::<T>(&self.gpu, h, w, &mut lt, n, 1.0, 0.0)?;
@@ -350,7 +370,7 @@ impl<T: Float> CudaBackend<T> {
             None => gemm::<T, T>(&self.gpu, Layout::NN, n, c, v, dlogits, &self.embed, dh, 1.0, 0.0)?,
             Some(lin) => match &lin.weight {
                 GpuWeight::Dense(w) => gemm::<T, T>(&self.gpu, Layout::NN, n, c, v, dlogits, w, dh, 1.0, 0.0)?,
-                GpuWeight::Nf4(w) => nf4_matmul_nn::<T>(&self.gpu, dlogits, w, dh, n, 1.0, 0.0)?,
+                GpuWeight::Nf4(w, _) => nf4_matmul_nn::<T>(&self.gpu, dlogits, w, dh, n, 1.0, 0.0)?,
             },
         }
         Ok(())
