@@ -167,6 +167,7 @@ fn decoding_through_the_nf4_gemv_matches_the_cpu() {
     let model = adapted("tiny_llama_bnb4", BasePrecision::AsStored, 9);
     let cpu = CpuBackend::new(&model);
     let cuda = CudaBackend::<f32>::for_decoding(gpu, &model).unwrap();
+    assert_eq!(cuda.gemv_layers(), 7 * model.cfg.num_layers, "every NF4 projection decodes through the GEMV");
     let v = model.cfg.vocab_size;
     let ids: Vec<u32> = (0..12).map(|i| ((i * 29 + 5) % v) as u32).collect();
     let want = decode_step(&cpu, &ids, &mut model.new_cache(), true).unwrap();

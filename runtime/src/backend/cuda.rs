@@ -212,6 +212,16 @@ impl<T: Float> CudaBackend<T> {
         &self.gpu
     }
 
+    /// Linear layers whose 1…16-row products go through the NF4 GEMV.
+    pub fn gemv_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.lin.iter())
+            .chain(self.lm_head.as_ref())
+            .filter(|l| matches!(l.weight, GpuWeight::Nf4(_, Some(_))))
+            .count()
+    }
+
     /// Number of LoRA parameters.
     pub fn lora_len(&self) -> usize {
         self.lora_layout.last().map(|(o, l)| o + l).unwrap_or(0)
