@@ -24,6 +24,17 @@ pub enum BenchCommand {
         #[arg(long)]
         reference: Option<std::path::PathBuf>,
     },
+    /// Attention forward and forward + backward at training shapes (TFLOP/s of the causal
+    /// products, the backward counted as 2.5 forwards) and decoding (GB/s); with --reference,
+    /// each row's speed against PyTorch's scaled_dot_product_attention on the same card.
+    Attention {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// SDPA's figures (`scripts/bench-ref-attention.py --out FILE` on the GPU machine).
+        #[arg(long)]
+        reference: Option<std::path::PathBuf>,
+    },
 }
 
 pub fn doctor_cmd(json: bool) -> Result<()> {
@@ -54,6 +65,7 @@ pub fn bench_cmd(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Nf4 { json, reference } => nf4_bench(json, reference.as_deref()),
+        BenchCommand::Attention { json, reference } => attention_bench(json, reference.as_deref()),
     }
 }
 
@@ -157,6 +169,82 @@ fn nf4_bench(json: bool, reference: Option<&std::path::Path>) -> Result<()> {
         if let Some(x) = lora_overhead(&r.shape, r.seconds) {
             println!("fused LoRA forward {}: {x:.3}× the NF4 product alone (target ≤ 1.10)", r.shape);
         }
+    }
+    Ok(())
+}
+
+/// SDPA's figures by (kernel, shape), in seconds, and the line that says where they come from.
+type AttentionRefs = (String, std::collections::HashMap<(String, String), f64>);
+
+/// The JSON of `scripts/bench-ref-attention.py`.
+fn read_attention_reference(path: &std::path::Path) -> Result<AttentionRefs> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+    let about = format!("SDPA on {}, torch {}", field("device"), field("torch"));
+    let list =
+        v.get("rows").and_then(|r| r.as_array()).with_context(|| format!("{}: no `rows` list", path.display()))?;
+    let mut rows = std::collections::HashMap::new();
+    for r in list {
+        let text_of = |k: &str| r.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let (Some(kernel), Some(shape), Some(seconds)) =
+            (text_of("kernel"), text_of("shape"), r.get("seconds").and_then(|x| x.as_f64()))
+        else {
+            bail!("{}: a row without kernel, shape and seconds: {r}", path.display());
+        };
+        rows.insert((kernel, shape), seconds);
+    }
+    Ok((about, rows))
+}
+
+/// `gristmill bench attention`: the attention family's benchmark rows, each with its speed against
+/// SDPA's on the same shape (SDPA's time over ours: above 1 is faster than SDPA).
+fn attention_bench(json: bool, reference: Option<&std::path::Path>) -> Result<()> {
+    let refs = reference.map(read_attention_reference).transpose()?;
+    let gpu = match gristmill::Device::cuda(0) {
+        Ok(gristmill::Device::Cuda(g)) => g,
+        Ok(_) => bail!("bench attention: no CUDA device"),
+        Err(e) => {
+            println!("bench attention: no usable GPU ({e}); nothing to measure");
+            return Ok(());
+        }
+    };
+    let fam = gristmill::doctor::FAMILIES
+        .iter()
+        .find(|f| f.module == "attention")
+        .ok_or_else(|| anyhow::anyhow!("bench attention: the attention kernel family is not registered"))?;
+    let rows = (fam.bench)(&gpu)?;
+    let device = gpu.info().name.clone();
+    let vs_sdpa = |kernel: &str, shape: &str, seconds: f64| {
+        refs.as_ref().and_then(|(_, m)| m.get(&(kernel.to_string(), shape.to_string()))).map(|r| r / seconds)
+    };
+    if json {
+        let out: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let (rate, unit) = r.rate();
+                serde_json::json!({
+                    "kernel": r.kernel, "shape": r.shape, "seconds": r.seconds, "rate": rate, "unit": unit,
+                    "vs_sdpa": vs_sdpa(r.kernel, &r.shape, r.seconds),
+                })
+            })
+            .collect();
+        let report = serde_json::json!({
+            "device": device, "reference": refs.as_ref().map(|(about, _)| about.clone()), "rows": out,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("gristmill bench attention on {device}");
+    if let Some((about, _)) = &refs {
+        println!("reference: {about} (ratio: its time / ours, above 1 = gristmill faster)");
+    }
+    println!("{:<24} {:<40} {:>10} {:>16} {:>8}", "kernel", "shape", "time", "rate", "vs SDPA");
+    for r in &rows {
+        let (rate, unit) = r.rate();
+        let ratio = vs_sdpa(r.kernel, &r.shape, r.seconds).map_or("-".to_string(), |x| format!("{x:.2}×"));
+        println!("{:<24} {:<40} {:>7.3} ms {:>8.1} {:<7} {:>8}", r.kernel, r.shape, r.seconds * 1e3, rate, unit, ratio);
     }
     Ok(())
 }

@@ -28,8 +28,8 @@
 //   B·Tq·H, D) and lpart: (nsplit, B·Tq·H); attention_combine_fwd merges them.
 //   Blocks are issued latest rows first: they have the most keys.
 //
-// attention_combine_fwd_<T>: one warp per query row (B·Tq·H rows, 8 warps a block).
-//   lse = L + ln Σ_s exp(lse_s − L) with L = max_s lse_s; o = Σ_s exp(lse_s − lse)·o_s.
+// attention_combine_fwd_<T>: one warp per query row (B·Tq·H rows, 8 warps a block), at most 64
+//   splits. lse = L + ln Σ_s exp(lse_s − L) with L = max_s lse_s; o = Σ_s exp(lse_s − lse)·o_s.
 //
 // attention_delta_bwd_<T>: one warp per query row (8 warps a block): delta_i = Σ_e dO_ie·O_ie,
 //   which equals Σ_j P_ij dP_ij because O_i = Σ_j P_ij V_j; written in lse's layout.
@@ -82,6 +82,28 @@
 //
 // attention_dq_convert_bwd_bf16: grid-stride, one thread a column pair of dq_accum: dq = scale ·
 //   dq_accum, to (B, Tq, H, D) bf16.
+//
+// Hopper kernels (compute_90a module only; wgmma, the tensor-core instruction of a warpgroup of
+// 4 warps, 64 rows a warpgroup; on other GPUs the kernels above run). K, V, Q, dO tiles are
+// unpadded in shared memory with their 16-byte chunks swizzled by the row (the 128-byte swizzle
+// the wgmma descriptors read; tiles on 1024-byte boundaries), still loaded with cp.async and made
+// visible to wgmma with fence.proxy.async. Each product is issued, committed and waited for in
+// turn (no producer warps, no overlap of softmax and products inside a warpgroup).
+//
+// attention_hflash128_fwd_bf16: grid (B·H, ⌈Tq / 128⌉), 256 threads (2 warpgroups of 64 rows),
+//   dynamic shared memory hopper::Fwd::SMEM (Q tile padded, two stages of K and V tiles of 128
+//   keys swizzled, segment ids). Q fragments are loaded once into registers (ldmatrix); per tile
+//   S = Q Kᵀ (wgmma m64n128k16, A from registers, K K-major), the masked online softmax of the
+//   mma.sync kernel, P to bf16 A fragments, acc += P V (m64n128k16, V N-major). Epilogue as above.
+//
+// attention_hflash{64,128}_dkv_bwd_bf16: grid (B·Hkv, ⌈Tk / 128⌉), 256 threads (2 warpgroups of
+//   64 keys), dynamic shared memory hopper::Bwd::SMEM (K, V of the block; two stages of
+//   {Q, dO tiles of 64 queries, lse, delta, segment ids}; dSᵀ, all swizzled). As the mma.sync
+//   kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (m64n64k16, both operands from shared memory, K-major),
+//   Pᵀ and dSᵀ in registers, dV += Pᵀ dO and dK += dSᵀ Q (A from registers, dO and Q N-major);
+//   dSᵀ is written swizzled, and after a barrier warpgroup w forms columns D/2·w … of
+//   dQ = dS K (m64n{32,64}k16, dS M-major, K N-major) and adds them to dq_accum in dq_index order.
+// gristmill: sm90a
 #include "common.cuh"
 
 namespace {
@@ -306,28 +328,43 @@ __device__ void attn_combine(const float* __restrict__ opart, const float* __res
     const int64_t row = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= nr_all) return;
-    float mx = -INFINITY;
-    for (int s = lane; s < nsplit; s += 32) mx = fmaxf(mx, lpart[s * nr_all + row]);
+    // Lane l holds splits l and l + 32 (at most 64: the launcher's MAX_SPLITS).
+    float w[2], mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int s = lane + 32 * j;
+        w[j] = s < nsplit ? lpart[s * nr_all + row] : -INFINITY;
+        mx = fmaxf(mx, w[j]);
+    }
     mx = warp_max(mx);
     float sum = 0.f;
-    for (int s = lane; s < nsplit; s += 32) sum += expf(lpart[s * nr_all + row] - mx);
-    const float ls = mx + logf(warp_sum(sum));
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        w[j] = expf(w[j] - mx);  // 0 for an empty split (and past nsplit)
+        sum += w[j];
+    }
+    sum = warp_sum(sum);
+    const float ls = mx + logf(sum), inv = 1.f / sum;
     // row = (b·Tq + i)·H + h  →  lse index (b·H + h)·Tq + i
     const int64_t bi = row / H;
     const int h = int(row - bi * H);
     const int64_t bb = bi / tq, i = bi - bb * tq;
     if (lane == 0) lse[(bb * H + h) * tq + i] = ls;
-    for (int c = 2 * lane; c < D; c += 64) {
+    // o = Σ_s w_s·o_s with w_s = exp(lse_s − lse): lanes on column pairs, the splits in order with
+    // several loads in flight (an empty split's o_s is zeros, so no load waits on its weight).
+    for (int c0 = 0; c0 < D; c0 += 64) {
+        const int c = c0 + 2 * lane;
         float x = 0.f, y = 0.f;
+#pragma unroll 4
         for (int s = 0; s < nsplit; ++s) {
-            const float w = expf(lpart[s * nr_all + row] - ls);  // 0 for an empty split
-            if (w > 0.f) {
+            const float ws = __shfl_sync(FULL, s < 32 ? w[0] : w[1], s & 31) * inv;
+            if (c < D) {
                 const float2 ps = load2(opart + (s * nr_all + row) * D + c);
-                x = fmaf(w, ps.x, x);
-                y = fmaf(w, ps.y, y);
+                x = fmaf(ws, ps.x, x);
+                y = fmaf(ws, ps.y, y);
             }
         }
-        store2(o + row * D + c, x, y);
+        if (c < D) store2(o + row * D + c, x, y);
     }
 }
 
@@ -1161,6 +1198,517 @@ __device__ void dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq,
 
 }  // namespace flash
 
+// ---------------------------------------------------------------------------------------------
+// Hopper forward (sm_90a): the flash forward with wgmma. Compiled only into the compute_90a
+// module; the compute_80 module gets a stub that traps (the launcher never picks it there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GM_WGMMA 1
+#endif
+
+namespace hopper {
+
+using flash::bf16;
+using flash::Flag;
+using flash::LN2;
+using flash::PAD;
+
+#ifdef GM_WGMMA
+// wgmma reads shared memory through the async proxy: make this thread's generic-proxy writes
+// (cp.async) visible to it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Orders register accesses before the next wgmma of the warpgroup.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+#define GM_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+// d (64 × 64 f32 of the warpgroup, 32 a thread) = a (64 × 16 bf16, registers) · b (16 × 64,
+// shared memory descriptor) + (acc ? d : 0); TB: b is N-major (1) or K-major (0).
+template <int TB>
+__device__ __forceinline__ void wgmma_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %37, p, 1, 1, %38;\n}\n"
+        : GM_R8(0), GM_R8(8), GM_R8(16), GM_R8(24)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(acc), "l"(desc), "n"(TB));
+}
+// As wgmma_n64 with N = 128 (64 floats a thread).
+template <int TB>
+__device__ __forceinline__ void wgmma_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %68, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %69, p, 1, 1, %70;\n}\n"
+        : GM_R8(0), GM_R8(8), GM_R8(16), GM_R8(24), GM_R8(32), GM_R8(40), GM_R8(48), GM_R8(56)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(acc), "l"(desc), "n"(TB));
+}
+#undef GM_R8
+
+#define GM_R8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+// d (64 × 32 f32, 16 a thread) = a (64 × 16, descriptor; TA: M-major) · b (16 × 32, descriptor;
+// TB: N-major) + (acc ? d : 0).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_n32(float (&d)[16], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, %19, %20;\n}\n"
+        : GM_R8(0), GM_R8(8)
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
+}
+// As wgmma_ss_n32 with N = 64 (32 floats a thread).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, %35, %36;\n}\n"
+        : GM_R8(0), GM_R8(8), GM_R8(16), GM_R8(24)
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
+}
+#undef GM_R8
+
+template <int N, int TA, int TB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int acc) {
+    if constexpr (N == 32)
+        wgmma_ss_n32<TA, TB>(d, da, db, acc);
+    else
+        wgmma_ss_n64<TA, TB>(d, da, db, acc);
+}
+
+template <int N, int TB>
+__device__ __forceinline__ void wgmma(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int acc) {
+    if constexpr (N == 64)
+        wgmma_n64<TB>(d, a, desc, acc);
+    else
+        wgmma_n128<TB>(d, a, desc, acc);
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
+// offsets (all in 16-byte units).
+__device__ __forceinline__ uint64_t desc128(const void* p, uint32_t lbo, uint32_t sbo) {
+    return uint64_t((flash::smem_u32(p) & 0x3ffff) >> 4) | uint64_t(lbo >> 4) << 16 | uint64_t(sbo >> 4) << 32 |
+           uint64_t(1) << 62;
+}
+
+// Byte offset of 16-byte chunk c (0 … D/8 − 1) of row r in a tile of `rows` rows of D bf16 stored
+// as D/64 column blocks of 128-byte rows, 16-byte chunks swizzled by the row (Swizzle<3,4,3>, the
+// layout the 128-byte descriptor mode reads; the tile starts on a 1024-byte boundary).
+template <int ROWS> __device__ __forceinline__ int sw128(int r, int c) {
+    return (c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+// Starts copying ROWS rows of D bf16 (global row stride ld) into a swizzled tile; rows at or past
+// `valid` become zeros.
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_sw(unsigned char* dst, const bf16* src, int64_t ld, int valid) {
+    constexpr int CH = D / 8;
+    static_assert((ROWS * CH) % THREADS == 0, "whole chunks per thread");
+#pragma unroll 1
+    for (int u = 0; u < ROWS * CH / THREADS; ++u) {
+        const int c = threadIdx.x + u * THREADS, r = c / CH, k = c % CH;
+        const bool ok = r < valid;
+        flash::cp_async16(dst + sw128<ROWS>(r, k), ok ? src + r * ld + k * 8 : src, ok);
+    }
+}
+#endif
+
+template <int D, int BN>
+struct Fwd {
+    static constexpr int THREADS = 256;  // two warpgroups of 64 query rows
+    static constexpr int BM = 128;
+    static constexpr int LDQ = D + PAD;
+    static constexpr int TILE = BN * D * 2;  // bytes of one K or V tile
+    // Two stages of {K, V}, the Q tile, two stages of segment ids, 1024 bytes to align the tiles.
+    static constexpr int SMEM = 4 * TILE + BM * LDQ * 2 + 2 * BN * 4 + 1024;
+};
+
+template <int D, int BN>
+__device__ void fwd(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                    bf16* __restrict__ o, float* __restrict__ lse, const uint32_t* __restrict__ seg, int tq, int tk,
+                    int H, int Hkv, float scale_log2) {
+#ifdef GM_WGMMA
+    using C = Fwd<D, BN>;
+    constexpr int BM = C::BM, LDQ = C::LDQ, THREADS = C::THREADS, TILE = C::TILE;
+    constexpr int NI = BN / 8, DI = D / 8, KS = D / 16, NW = (NI + 7) / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Tiles on a 1024-byte boundary (the swizzle pattern repeats every 1024 bytes).
+    unsigned char* base = smem_raw + ((1024 - (flash::smem_u32(smem_raw) & 1023)) & 1023);
+    unsigned char* skv = base;                                         // 2 stages × {K, V}
+    bf16* sq = reinterpret_cast<bf16*>(base + 4 * TILE);               // (BM, LDQ)
+    uint32_t* sseg = reinterpret_cast<uint32_t*>(sq + BM * LDQ);        // 2 stages × BN
+
+    const int b = blockIdx.x / H, h = blockIdx.x - b * H, g = h / (H / Hkv);
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+    const int off = tk - tq;
+    const int64_t qld = int64_t(H) * D, kld = int64_t(Hkv) * D;
+    const bf16* qb = q + (int64_t(b) * tq + m0) * qld + int64_t(h) * D;
+    const bf16* kb = k + int64_t(b) * tk * kld + int64_t(g) * D;
+    const bf16* vb = v + int64_t(b) * tk * kld + int64_t(g) * D;
+    const uint32_t* sgb = seg ? seg + int64_t(b) * tk : nullptr;
+    // Warp w of warpgroup w / 4 owns rows 16w … 16w + 15 of the block (the wgmma row layout).
+    const int wrow = warp * 16;
+
+    const int kend = min(tk, off + m0 + BM);
+    const int ntiles = (kend + BN - 1) / BN;
+    auto issue = [&](int n, int stage) {
+        const int j0 = n * BN;
+        unsigned char* sk = skv + stage * 2 * TILE;
+        load_sw<D, BN, THREADS>(sk, kb + j0 * kld, kld, tk - j0);
+        load_sw<D, BN, THREADS>(sk + TILE, vb + j0 * kld, kld, tk - j0);
+        if (sgb) flash::load_vec<BN, THREADS>(sseg + stage * BN, sgb + j0, tk - j0);
+    };
+    flash::load_rows<D, BM, THREADS>(sq, qb, qld, tq - m0);
+    issue(ntiles - 1, 0);
+    flash::cp_async_commit();
+
+    const int pos0 = off + m0 + wrow + gr;
+    uint32_t rseg[2];
+    float acc[DI * 4], m[2], l[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int p = pos0 + 8 * hf;
+        rseg[hf] = (sgb && p < tk) ? sgb[p] : 0u;
+        m[hf] = -INFINITY;
+        l[hf] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < DI * 4; ++i) acc[i] = 0.f;
+    auto allowed = [&](const uint32_t* ss, int j0, int ni, int e) {
+        const int jj = ni * 8 + 2 * tc + (e & 1), p = pos0 + 8 * (e >> 1);
+        return j0 + jj <= p && p < tk && (!sgb || ss[jj] == rseg[e >> 1]);
+    };
+
+    int it = 0;
+    uint32_t qf[KS][4];
+    auto step = [&](auto masked_c) {
+        constexpr bool MASKED = decltype(masked_c)::value;
+        const int n = ntiles - 1 - it, stage = it & 1, j0 = n * BN;
+        if (it + 1 < ntiles) issue(n - 1, stage ^ 1);
+        flash::cp_async_commit();
+        flash::cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        if (it == 0) {
+            // Q stays in registers as the A fragments of every S = Q Kᵀ.
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) flash::ldsm_x4(qf[kk], sq + (wrow + (lane & 15)) * LDQ + kk * 16 + (lane >> 4) * 8);
+        }
+        const unsigned char* sk = skv + stage * 2 * TILE;
+        const unsigned char* sv = sk + TILE;
+        const uint32_t* ss = sseg + stage * BN;
+
+        uint32_t okb[NW];
+        if constexpr (MASKED) {
+            int any = 0;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) okb[w] = 0u;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) okb[ni / 8] |= uint32_t(allowed(ss, j0, ni, e)) << ((ni % 8) * 4 + e);
+#pragma unroll
+            for (int w = 0; w < NW; ++w) any |= okb[w] != 0u;
+            if (sgb && !__syncthreads_or(any)) return;
+        }
+
+        // S = Q Kᵀ: K is K-major (rows of D), D / 64 column blocks of BN rows.
+        float s[NI * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+            wgmma<BN, 0>(s, qf[kk], desc128(sk + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        uint32_t pa[BN / 16][4];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int e = 2 * hf + c;
+                    float x = s[ni * 4 + e] * scale_log2;
+                    if constexpr (MASKED) {
+                        if (!((okb[ni / 8] >> ((ni % 8) * 4 + e)) & 1u)) x = -INFINITY;
+                    }
+                    s[ni * 4 + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(m[hf], mx);
+            const float mu = mnew == -INFINITY ? 0.f : mnew;
+            const float alpha = exp2f(m[hf] - mu);
+            m[hf] = mnew;
+            float sum = 0.f;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const float p0 = exp2f(s[ni * 4 + 2 * hf] - mu), p1 = exp2f(s[ni * 4 + 2 * hf + 1] - mu);
+                sum += p0 + p1;
+                pa[ni / 2][2 * (ni % 2) + hf] = flash::pack_bf16(p0, p1);
+            }
+            l[hf] = l[hf] * alpha + sum;
+#pragma unroll
+            for (int di = 0; di < DI; ++di) {
+                acc[di * 4 + 2 * hf] *= alpha;
+                acc[di * 4 + 2 * hf + 1] *= alpha;
+            }
+        }
+
+        // acc += P V: V is N-major (rows of D are N), 8-key row groups 1024 bytes apart, the
+        // 64-column blocks BN·128 bytes apart.
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks) wgmma<D, 1>(acc, pa[ks], desc128(sv + ks * 16 * 128, BN * 128, 1024), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        __syncthreads();  // this stage is read; the next iteration refills it
+    };
+    const int nmasked = sgb ? ntiles : ntiles - min(ntiles, (off + m0 + 1) / BN);
+    for (; it < nmasked; ++it) step(Flag<true>{});
+    for (; it < ntiles; ++it) step(Flag<false>{});
+    flash::cp_async_wait<0>();
+
+    __syncwarp();
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        float lt = l[hf];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        const int rr = wrow + gr + 8 * hf, r = m0 + rr;
+        if (r < tq && tc == 0) lse[(int64_t(b) * H + h) * tq + r] = lt > 0.f ? (m[hf] + log2f(lt)) * LN2 : -INFINITY;
+#pragma unroll
+        for (int di = 0; di < DI; ++di)
+            *reinterpret_cast<uint32_t*>(sq + rr * LDQ + di * 8 + 2 * tc) =
+                flash::pack_bf16(acc[di * 4 + 2 * hf] * inv, acc[di * 4 + 2 * hf + 1] * inv);
+    }
+    __syncwarp();
+    bf16* ob = o + (int64_t(b) * tq + m0) * qld + int64_t(h) * D;
+#pragma unroll
+    for (int u = 0; u < 16 * DI / 32; ++u) {
+        const int c = lane + 32 * u, rr = c / DI, kc = c % DI;
+        if (m0 + wrow + rr < tq)
+            *reinterpret_cast<uint4*>(ob + (wrow + rr) * qld + kc * 8) =
+                *reinterpret_cast<const uint4*>(sq + (wrow + rr) * LDQ + kc * 8);
+    }
+#else
+    __trap();
+#endif
+}
+
+// ---- Hopper backward: dK, dV (and dQ through f32 atomics) for one block of 128 keys ----
+template <int D>
+struct Bwd {
+    static constexpr int THREADS = 256;  // two warpgroups of 64 keys
+    static constexpr int BN = 128;       // keys a block
+    static constexpr int BM = 64;        // queries a tile
+    static constexpr int TILE_K = BN * D * 2;
+    static constexpr int TILE_Q = BM * D * 2;
+    // {Q, dO} swizzled, lse, delta, segment ids; rounded up so the next stage's tiles stay on a
+    // 1024-byte boundary.
+    static constexpr int STAGE = (2 * TILE_Q + 3 * BM * 4 + 1023) / 1024 * 1024;
+    static constexpr int DS = BN * BM * 2;  // dSᵀ, swizzled
+    static constexpr int SMEM = 2 * TILE_K + 2 * STAGE + DS + 1024;
+};
+
+template <int D>
+__device__ void dkv(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                    const float* __restrict__ lse, const float* __restrict__ delta, const bf16* __restrict__ d_o,
+                    const uint32_t* __restrict__ seg, float* __restrict__ dq_acc, bf16* __restrict__ dk,
+                    bf16* __restrict__ dv, int tq, int tk, int H, int Hkv, float scale, float scale_log2) {
+#ifdef GM_WGMMA
+    using C = Bwd<D>;
+    constexpr int BN = C::BN, BM = C::BM, THREADS = C::THREADS, TILE_K = C::TILE_K, TILE_Q = C::TILE_Q;
+    constexpr int NQ = BM / 8, DI = D / 8, KS = D / 16, DH = D / 2;  // DH: dQ columns a warpgroup
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* base = smem_raw + ((1024 - (flash::smem_u32(smem_raw) & 1023)) & 1023);
+    unsigned char* sk = base;                          // K (BN rows), swizzled
+    unsigned char* sv = base + TILE_K;                 // V
+    unsigned char* stages = base + 2 * TILE_K;         // 2 × STAGE
+    unsigned char* sds = stages + 2 * C::STAGE;        // dSᵀ: BN rows of BM queries
+
+    const int b = blockIdx.x / Hkv, g = blockIdx.x - b * Hkv, n0 = blockIdx.y * BN;
+    const int group = H / Hkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tc = lane & 3;
+    const int wg = threadIdx.x >> 7, wl = warp & 3;
+    const int off = tk - tq;
+    const int64_t qld = int64_t(H) * D, kld = int64_t(Hkv) * D;
+    const int64_t kvo = (int64_t(b) * tk + n0) * kld + int64_t(g) * D;
+    const uint32_t* sgb = seg ? seg + int64_t(b) * tk : nullptr;
+    const int nqt_all = (tq + BM - 1) / BM, nt16 = nqt_all * BM / 16;
+    const int qt0 = max(0, n0 - off) / BM, nqt = nqt_all - qt0, iters = group * nqt;
+
+    auto issue = [&](int i, int st) {
+        const int h = g * group + i / nqt, i0 = (qt0 + i % nqt) * BM;
+        unsigned char* p = stages + st * C::STAGE;
+        float* sl = reinterpret_cast<float*>(p + 2 * TILE_Q);
+        const int64_t qo = (int64_t(b) * tq + i0) * qld + int64_t(h) * D;
+        load_sw<D, BM, THREADS>(p, q + qo, qld, tq - i0);
+        load_sw<D, BM, THREADS>(p + TILE_Q, d_o + qo, qld, tq - i0);
+        const int64_t lo = (int64_t(b) * H + h) * tq + i0;
+        flash::load_vec<BM, THREADS>(sl, lse + lo, tq - i0);
+        flash::load_vec<BM, THREADS>(sl + BM, delta + lo, tq - i0);
+        if (sgb) flash::load_vec<BM, THREADS>(reinterpret_cast<uint32_t*>(sl + 2 * BM), sgb + off + i0, tq - i0);
+    };
+
+    load_sw<D, BN, THREADS>(sk, k + kvo, kld, tk - n0);
+    load_sw<D, BN, THREADS>(sv, v + kvo, kld, tk - n0);
+    issue(0, 0);
+    flash::cp_async_commit();
+
+    // This thread's keys: rows 64·wg + 16·wl + gr (+ 8) of the block.
+    int key[2];
+    uint32_t kseg[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        key[hf] = n0 + 64 * wg + 16 * wl + gr + 8 * hf;
+        kseg[hf] = (sgb && key[hf] < tk) ? sgb[key[hf]] : 0u;
+    }
+    float adk[DI * 4], adv[DI * 4];
+#pragma unroll
+    for (int i = 0; i < DI * 4; ++i) adk[i] = adv[i] = 0.f;
+
+    for (int it = 0; it < iters; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < iters) issue(it + 1, stage ^ 1);
+        flash::cp_async_commit();
+        flash::cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        const int h = g * group + it / nqt, i0 = (qt0 + it % nqt) * BM;
+        const unsigned char* sq = stages + stage * C::STAGE;
+        const unsigned char* sdo = sq + TILE_Q;
+        const float* sl = reinterpret_cast<const float*>(sdo + TILE_Q);
+        const float* sd = sl + BM;
+        const uint32_t* sqs = reinterpret_cast<const uint32_t*>(sd + BM);
+
+        const bool masked = sgb != nullptr || n0 + BN - 1 > off + i0 || i0 + BM > tq;
+        uint32_t okb = 0u;
+        if (masked) {
+#pragma unroll
+            for (int ni = 0; ni < NQ; ++ni) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = ni * 8 + 2 * tc + (e & 1), i = i0 + c, hf = e >> 1;
+                    const bool ok = i < tq && key[hf] <= off + i && (!sgb || sqs[c] == kseg[hf]);
+                    okb |= uint32_t(ok) << (ni * 4 + e);
+                }
+            }
+            if (sgb && !__syncthreads_or(okb != 0u)) continue;
+        }
+
+        // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ for the warpgroup's 64 keys: both operands K-major in shared memory.
+        float st[NQ * 4], dpt[NQ * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            const int ka = (kk / 4) * BN * 128 + 64 * wg * 128 + (kk % 4) * 32, qa = (kk / 4) * BM * 128 + (kk % 4) * 32;
+            wgmma_ss<BM, 0, 0>(st, desc128(sk + ka, 16, 1024), desc128(sq + qa, 16, 1024), kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            const int ka = (kk / 4) * BN * 128 + 64 * wg * 128 + (kk % 4) * 32, qa = (kk / 4) * BM * 128 + (kk % 4) * 32;
+            wgmma_ss<BM, 0, 0>(dpt, desc128(sv + ka, 16, 1024), desc128(sdo + qa, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        uint32_t pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+        for (int ni = 0; ni < NQ; ++ni) {
+            const float2 lz = *reinterpret_cast<const float2*>(sl + ni * 8 + 2 * tc);
+            const float2 dz = *reinterpret_cast<const float2*>(sd + ni * 8 + 2 * tc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float lv = (e & 1) ? lz.y : lz.x, dl = (e & 1) ? dz.y : dz.x;
+                float p = exp2f(fmaf(st[ni * 4 + e], scale_log2, -lv * flash::LOG2E));
+                if (masked && !((okb >> (ni * 4 + e)) & 1u)) p = 0.f;
+                st[ni * 4 + e] = p;
+                dpt[ni * 4 + e] = p * (dpt[ni * 4 + e] - dl);
+            }
+            pa[ni / 2][2 * (ni % 2)] = flash::pack_bf16(st[ni * 4], st[ni * 4 + 1]);
+            pa[ni / 2][2 * (ni % 2) + 1] = flash::pack_bf16(st[ni * 4 + 2], st[ni * 4 + 3]);
+            da[ni / 2][2 * (ni % 2)] = flash::pack_bf16(dpt[ni * 4], dpt[ni * 4 + 1]);
+            da[ni / 2][2 * (ni % 2) + 1] = flash::pack_bf16(dpt[ni * 4 + 2], dpt[ni * 4 + 3]);
+            // dSᵀ to shared memory (rows: keys, 64 query columns = one swizzled 128-byte row).
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = 64 * wg + 16 * wl + gr + 8 * hf;
+                *reinterpret_cast<uint32_t*>(sds + sw128<BN>(r, ni) + 4 * tc) = da[ni / 2][2 * (ni % 2) + hf];
+            }
+        }
+
+        // dV += Pᵀ dO, dK += dSᵀ Q: dO and Q N-major (their D columns), 64-column blocks BM·128
+        // bytes apart, 8-query row groups 1024 bytes apart.
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BM / 16; ++ks) wgmma<D, 1>(adv, pa[ks], desc128(sdo + ks * 2048, BM * 128, 1024), 1);
+#pragma unroll
+        for (int ks = 0; ks < BM / 16; ++ks) wgmma<D, 1>(adk, da[ks], desc128(sq + ks * 2048, BM * 128, 1024), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // dSᵀ complete
+
+        // dQ tile (BM × D) += dS K: warpgroup wg takes columns DH·wg …; dS is M-major (the dSᵀ
+        // rows), K N-major.
+        float aq[DH / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks) {
+            const int kb = ks * 2048 + (DH * wg / 64) * BN * 128 + (DH * wg % 64) * 2;
+            wgmma_ss<DH, 1, 1>(aq, desc128(sds + ks * 2048, BN * 128, 1024), desc128(sk + kb, BN * 128, 1024), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        if (i0 + 16 * wl < tq) {
+            const int64_t bh = int64_t(b) * H + h;
+            const int t16 = (i0 >> 4) + wl;
+#pragma unroll
+            for (int j = 0; j < DH / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    atomicAdd(dq_acc + flash::dq_index(bh, nt16, t16, DH * wg / 8 + j, DI, e, lane), aq[j * 4 + e]);
+        }
+    }
+    flash::cp_async_wait<0>();
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        if (key[hf] >= tk) continue;
+        const int64_t ko = (int64_t(b) * tk + key[hf]) * kld + int64_t(g) * D + 2 * tc;
+#pragma unroll
+        for (int di = 0; di < DI; ++di) {
+            *reinterpret_cast<uint32_t*>(dk + ko + di * 8) =
+                flash::pack_bf16(adk[di * 4 + 2 * hf] * scale, adk[di * 4 + 2 * hf + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv + ko + di * 8) = flash::pack_bf16(adv[di * 4 + 2 * hf], adv[di * 4 + 2 * hf + 1]);
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+}  // namespace hopper
+
 #define FWD(NAME, T)                                                                                                 \
     GM_KERNEL void __launch_bounds__(THREADS, 1)                                                                        \
         NAME(const T* q, const T* k, const T* v, T* o, float* lse, const uint32_t* seg, float* opart, float* lpart, \
@@ -1229,3 +1777,23 @@ GM_KERNEL void attention_dq_convert_bwd_bf16(const float* acc, __nv_bfloat16* dq
     flash::dq_convert(acc, dq, B, tq, H, D, nt16, scale);
 }
 
+// Hopper forward: D, keys a tile (the launcher mirrors these in FLASH_FWD). D = 64 stays on
+// attention_flash64_fwd_bf16, which measured faster on an H200 (209 against 193 TFLOP/s).
+#define HOPPER_FWD(NAME, D, BN)                                                                                      \
+    GM_KERNEL void __launch_bounds__(256)                                                                            \
+        NAME(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* o, float* lse, \
+             const uint32_t* seg, int tq, int tk, int H, int Hkv, float scale_log2) {                               \
+        hopper::fwd<D, BN>(q, k, v, o, lse, seg, tq, tk, H, Hkv, scale_log2);                                        \
+    }
+HOPPER_FWD(attention_hflash128_fwd_bf16, 128, 128)
+
+// Hopper dK/dV: D (the launcher mirrors it in FLASH_BWD).
+#define HOPPER_DKV(NAME, D)                                                                                         \
+    GM_KERNEL void __launch_bounds__(256)                                                                            \
+        NAME(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,              \
+             const float* delta, const __nv_bfloat16* d_o, const uint32_t* seg, float* dq_acc, __nv_bfloat16* dk,   \
+             __nv_bfloat16* dv, int tq, int tk, int H, int Hkv, float scale, float scale_log2) {                    \
+        hopper::dkv<D>(q, k, v, lse, delta, d_o, seg, dq_acc, dk, dv, tq, tk, H, Hkv, scale, scale_log2);            \
+    }
+HOPPER_DKV(attention_hflash64_dkv_bwd_bf16, 64)
+HOPPER_DKV(attention_hflash128_dkv_bwd_bf16, 128)

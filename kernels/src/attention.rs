@@ -2,9 +2,11 @@
 //! without storing the attention matrix.
 //!
 //! bf16 with D = 64 or 128 runs the flash kernels (tensor cores, FlashAttention-2 layout): the
-//! forward for more than [`DECODE_MAX_TQ`] queries, the backward always. f32, other head
-//! dimensions, buffers not on a 16-byte boundary and decoding (few queries against a cache, split
-//! over the keys) run the SIMT kernels. Memory is O(T) either way: no (Tq, Tk) buffer exists.
+//! forward for more than [`DECODE_MAX_TQ`] queries, the backward always; on Hopper from the
+//! compute_90a module with wgmma where that measured faster (the backward, the D = 128 forward),
+//! elsewhere with mma.sync. f32, other head dimensions, buffers not on a 16-byte boundary and
+//! decoding (few queries against a cache, split over the keys) run the SIMT kernels. Memory is
+//! O(T) either way: no (Tq, Tk) buffer exists.
 //!
 //! Semantics are those of [`gristmill_core::ops::attention`]: q and o are `(B, Tq, H, D)`, k and v
 //! `(B, Tk, Hkv, D)`, lse `(B, H, Tq)` f32; query `i` sits at position `Tk − Tq + i`, query head `h`
@@ -38,7 +40,7 @@ const FLASH_PAD: usize = 8;
 /// Largest grid y.
 const MAX_GRID_Y: usize = 65_535;
 
-/// One flash forward kernel and its tiles (FLASH_FWD in the .cu).
+/// One flash forward kernel and its tiles (FLASH_FWD and HOPPER_FWD in the .cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlashFwd {
     kernel: &'static str,
@@ -48,6 +50,8 @@ struct FlashFwd {
     rows: usize,
     /// Keys a shared-memory tile.
     keys: usize,
+    /// wgmma (compute_90a only): K and V tiles unpadded and swizzled.
+    hopper: bool,
 }
 
 impl FlashFwd {
@@ -55,19 +59,24 @@ impl FlashFwd {
         (self.warps * 32) as u32
     }
 
-    /// Q tile, two stages of K and V tiles (bf16, padded rows), two stages of key segment ids.
+    /// Q tile (padded rows), two stages of K and V tiles (padded, or swizzled plus 1024 bytes to
+    /// align them for wgmma), two stages of key segment ids.
     fn smem(&self) -> usize {
         let ld = self.d + FLASH_PAD;
-        (self.rows * ld + 4 * self.keys * ld) * 2 + 2 * self.keys * 4
+        let kv = if self.hopper { 4 * self.keys * self.d * 2 + 1024 } else { 4 * self.keys * ld * 2 };
+        self.rows * ld * 2 + kv + 2 * self.keys * 4
     }
 }
 
+/// On Hopper the wgmma forward takes D = 128; D = 64 stays on mma.sync, which measured faster on an
+/// H200 (209 against 193 TFLOP/s at B·T = 8·2048).
 const FLASH_FWD: &[FlashFwd] = &[
-    FlashFwd { kernel: "attention_flash64_fwd_bf16", d: 64, warps: 4, rows: 128, keys: 64 },
-    FlashFwd { kernel: "attention_flash128_fwd_bf16", d: 128, warps: 4, rows: 128, keys: 64 },
+    FlashFwd { kernel: "attention_hflash128_fwd_bf16", d: 128, warps: 8, rows: 128, keys: 128, hopper: true },
+    FlashFwd { kernel: "attention_flash64_fwd_bf16", d: 64, warps: 4, rows: 128, keys: 64, hopper: false },
+    FlashFwd { kernel: "attention_flash128_fwd_bf16", d: 128, warps: 4, rows: 128, keys: 64, hopper: false },
 ];
 
-/// One flash dK/dV kernel and its tiles (FLASH_DKV in the .cu): 16 keys a warp.
+/// One flash dK/dV kernel and its tiles (FLASH_DKV and HOPPER_DKV in the .cu): 16 keys a warp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FlashBwd {
     kernel: &'static str,
@@ -75,6 +84,8 @@ struct FlashBwd {
     warps: usize,
     /// Query rows a tile.
     rows: usize,
+    /// wgmma (compute_90a only): tiles unpadded and swizzled.
+    hopper: bool,
 }
 
 impl FlashBwd {
@@ -87,8 +98,13 @@ impl FlashBwd {
         16 * self.warps
     }
 
-    /// K and V tiles, two stages of {Q, dO, lse, delta, segment ids}, the dSᵀ tile.
+    /// K and V tiles, two stages of {Q, dO, lse, delta, segment ids}, the dSᵀ tile; for wgmma
+    /// unpadded, each stage rounded up to 1024 bytes and 1024 more to align the tiles.
     fn smem(&self) -> usize {
+        if self.hopper {
+            let stage = (2 * self.rows * self.d * 2 + 3 * self.rows * 4).div_ceil(1024) * 1024;
+            return 2 * self.keys() * self.d * 2 + 2 * stage + self.keys() * self.rows * 2 + 1024;
+        }
         let (ld, lds) = (self.d + FLASH_PAD, self.rows + FLASH_PAD);
         let stage = 2 * self.rows * ld * 2 + 3 * self.rows * 4;
         2 * self.keys() * ld * 2 + 2 * stage + self.keys() * lds * 2
@@ -101,8 +117,10 @@ impl FlashBwd {
 }
 
 const FLASH_BWD: &[FlashBwd] = &[
-    FlashBwd { kernel: "attention_flash64_dkv_bwd_bf16", d: 64, warps: 8, rows: 64 },
-    FlashBwd { kernel: "attention_flash128_dkv_bwd_bf16", d: 128, warps: 8, rows: 64 },
+    FlashBwd { kernel: "attention_hflash64_dkv_bwd_bf16", d: 64, warps: 8, rows: 64, hopper: true },
+    FlashBwd { kernel: "attention_hflash128_dkv_bwd_bf16", d: 128, warps: 8, rows: 64, hopper: true },
+    FlashBwd { kernel: "attention_flash64_dkv_bwd_bf16", d: 64, warps: 8, rows: 64, hopper: false },
+    FlashBwd { kernel: "attention_flash128_dkv_bwd_bf16", d: 128, warps: 8, rows: 64, hopper: false },
 ];
 
 /// Whether every address is on a 16-byte boundary (the flash kernels move 16-byte chunks).
@@ -113,18 +131,31 @@ fn aligned16(ptrs: &[sys::CUdeviceptr]) -> bool {
 /// The flash forward for this call, or None where the SIMT kernels run: f32, another D, few
 /// queries, a buffer off a 16-byte boundary, or a GPU with less than `smem_max` bytes of shared
 /// memory a block (the 99 KiB of sm_86/sm_89 do not hold the D = 128 tiles).
-fn flash_fwd_for(bf16: bool, s: &AttnShape, ptrs: &[sys::CUdeviceptr], smem_max: usize) -> Option<&'static FlashFwd> {
-    let c = FLASH_FWD.iter().find(|c| c.d == s.d)?;
-    let fits = c.smem() <= smem_max && s.tq.div_ceil(c.rows) <= MAX_GRID_Y;
-    (bf16 && s.tq > DECODE_MAX_TQ && fits && aligned16(ptrs)).then_some(c)
+/// On Hopper (`hopper`: the compute_90a module is loaded) the wgmma kernel of that D comes first.
+fn flash_fwd_for(
+    bf16: bool,
+    s: &AttnShape,
+    ptrs: &[sys::CUdeviceptr],
+    smem_max: usize,
+    hopper: bool,
+) -> Option<&'static FlashFwd> {
+    let fits = |c: &FlashFwd| c.smem() <= smem_max && s.tq.div_ceil(c.rows) <= MAX_GRID_Y;
+    let c = FLASH_FWD.iter().find(|c| c.d == s.d && (hopper || !c.hopper) && fits(c))?;
+    (bf16 && s.tq > DECODE_MAX_TQ && aligned16(ptrs)).then_some(c)
 }
 
 /// The flash backward for this call, or None where the SIMT kernels run (as for the forward,
 /// at any number of queries).
-fn flash_bwd_for(bf16: bool, s: &AttnShape, ptrs: &[sys::CUdeviceptr], smem_max: usize) -> Option<&'static FlashBwd> {
-    let c = FLASH_BWD.iter().find(|c| c.d == s.d)?;
-    let fits = c.smem() <= smem_max && s.tk.div_ceil(c.keys()) <= MAX_GRID_Y;
-    (bf16 && fits && aligned16(ptrs)).then_some(c)
+fn flash_bwd_for(
+    bf16: bool,
+    s: &AttnShape,
+    ptrs: &[sys::CUdeviceptr],
+    smem_max: usize,
+    hopper: bool,
+) -> Option<&'static FlashBwd> {
+    let fits = |c: &FlashBwd| c.smem() <= smem_max && s.tk.div_ceil(c.keys()) <= MAX_GRID_Y;
+    let c = FLASH_BWD.iter().find(|c| c.d == s.d && (hopper || !c.hopper) && fits(c))?;
+    (bf16 && aligned16(ptrs)).then_some(c)
 }
 
 /// Shared memory a block may opt into on this GPU (0 if the driver cannot say).
@@ -349,7 +380,7 @@ pub fn attention_fwd<T: Float>(
     for (what, p) in [("q", pq), ("k", pk), ("v", pv), ("o", po)] {
         check_aligned::<T>(K, what, p)?;
     }
-    if let Some(c) = flash_fwd_for(T::IS_BF16, shape, &[pq, pk, pv, po], smem_max(gpu)) {
+    if let Some(c) = flash_fwd_for(T::IS_BF16, shape, &[pq, pk, pv, po], smem_max(gpu), gpu.is_hopper()) {
         return launch_flash_fwd(gpu, c, [pq, pk, pv, po, pl, pseg], shape, &dm, scale);
     }
 
@@ -446,7 +477,7 @@ pub fn attention_bwd<T: Float>(
     for (what, p) in [("q", pq), ("k", pk), ("v", pv), ("o", po), ("d_o", pdo), ("dq", pdq), ("dk", pdk), ("dv", pdv)] {
         check_aligned::<T>(K, what, p)?;
     }
-    let flash = flash_bwd_for(T::IS_BF16, shape, &[pq, pk, pv, pdo, pdq, pdk, pdv], smem_max(gpu));
+    let flash = flash_bwd_for(T::IS_BF16, shape, &[pq, pk, pv, pdo, pdq, pdk, pdv], smem_max(gpu), gpu.is_hopper());
 
     let mut delta = gpu.alloc::<f32>(dm.lse_len)?;
     let pdelta = ptr_mut(gpu, &mut delta);
@@ -763,7 +794,7 @@ mod tests {
             inner.split(',').map(|x| x.trim().to_string()).collect()
         };
         let num = |x: &str| x.parse::<usize>().unwrap();
-        for c in FLASH_FWD {
+        for c in FLASH_FWD.iter().filter(|c| !c.hopper) {
             let line = cu.lines().find(|l| l.starts_with(&format!("FLASH_FWD({},", c.kernel))).unwrap();
             let a = args(line);
             assert_eq!(
@@ -771,27 +802,43 @@ mod tests {
                 (c.d, c.warps, c.rows, c.keys)
             );
         }
-        for c in FLASH_BWD {
+        // HOPPER_FWD(name, D, keys a tile): two warpgroups, 128 rows.
+        for c in FLASH_FWD.iter().filter(|c| c.hopper) {
+            let line = cu.lines().find(|l| l.starts_with(&format!("HOPPER_FWD({},", c.kernel))).unwrap();
+            let a = args(line);
+            assert_eq!((num(&a[1]), 8, 128, num(&a[2])), (c.d, c.warps, c.rows, c.keys));
+        }
+        for c in FLASH_BWD.iter().filter(|c| !c.hopper) {
             let line = cu.lines().find(|l| l.starts_with(&format!("FLASH_DKV({},", c.kernel))).unwrap();
             let a = args(line);
             assert_eq!((num(&a[1]), num(&a[2]), num(&a[3])), (c.d, c.warps, c.rows));
+        }
+        // HOPPER_DKV(name, D): two warpgroups of 64 keys, 64 queries a tile.
+        for c in FLASH_BWD.iter().filter(|c| c.hopper) {
+            let line = cu.lines().find(|l| l.starts_with(&format!("HOPPER_DKV({},", c.kernel))).unwrap();
+            assert_eq!((num(&args(line)[1]), 8, 64), (c.d, c.warps, c.rows));
         }
     }
 
     #[test]
     fn flash_shared_memory() {
         // Q tile 128 × (128 + 8) bf16, two stages of K and V 64 × 136, segment ids 2 × 64.
-        assert_eq!(FLASH_FWD[1].smem(), (128 * 136 + 4 * 64 * 136) * 2 + 2 * 64 * 4);
+        assert_eq!(FLASH_FWD[2].smem(), (128 * 136 + 4 * 64 * 136) * 2 + 2 * 64 * 4);
+        // Hopper: Q tile as above, two stages of K and V 128 × 128 (+ 1024 to align), ids 2 × 128.
+        assert_eq!(FLASH_FWD[0].smem(), 128 * 136 * 2 + 4 * 128 * 128 * 2 + 1024 + 2 * 128 * 4);
         // K, V 128 × 136; two stages of Q and dO 64 × 136 plus 3 × 64 floats; dSᵀ 128 × 72.
-        assert_eq!(FLASH_BWD[1].smem(), 2 * 128 * 136 * 2 + 2 * (2 * 64 * 136 * 2 + 3 * 64 * 4) + 128 * 72 * 2);
+        assert_eq!(FLASH_BWD[3].smem(), 2 * 128 * 136 * 2 + 2 * (2 * 64 * 136 * 2 + 3 * 64 * 4) + 128 * 72 * 2);
+        // Hopper: K, V 128 × 128; stages of Q, dO 64 × 128 and 768 bytes rounded to 33 KiB; dSᵀ
+        // 128 × 64; 1024 to align.
+        assert_eq!(FLASH_BWD[1].smem(), 2 * 128 * 128 * 2 + 2 * 33 * 1024 + 128 * 64 * 2 + 1024);
         // Everything fits an A100 or H100 (163 / 227 KiB a block); D = 64 also fits sm_86/sm_89.
         for c in FLASH_FWD {
-            assert!(c.smem() <= 163 * 1024, "{}", c.kernel);
+            assert!(c.smem() <= if c.hopper { 227 } else { 163 } * 1024, "{}", c.kernel);
         }
         for c in FLASH_BWD {
-            assert!(c.smem() <= 163 * 1024, "{}", c.kernel);
+            assert!(c.smem() <= if c.hopper { 227 } else { 163 } * 1024, "{}", c.kernel);
         }
-        assert!(FLASH_FWD[0].smem() <= 99 * 1024 && FLASH_BWD[0].smem() <= 99 * 1024);
+        assert!(FLASH_FWD[1].smem() <= 99 * 1024 && FLASH_BWD[2].smem() <= 99 * 1024);
         assert_eq!(FLASH_BWD[1].row_tiles16(1), 4);
         assert_eq!(FLASH_BWD[1].row_tiles16(129), 12);
     }
@@ -800,20 +847,30 @@ mod tests {
     fn flash_path_only_where_it_applies() {
         let (big, ok) = (227 * 1024, [0x1000u64, 0x2000]);
         let train = shape(2, 300, 300, 8, 2, 128);
-        assert_eq!(flash_fwd_for(true, &train, &ok, big).map(|c| c.d), Some(128));
-        assert_eq!(flash_bwd_for(true, &train, &ok, big).map(|c| c.d), Some(128));
-        assert!(flash_fwd_for(false, &train, &ok, big).is_none(), "f32");
-        assert!(flash_bwd_for(false, &train, &ok, big).is_none(), "f32");
-        assert!(flash_fwd_for(true, &shape(2, 300, 300, 8, 2, 80), &ok, big).is_none(), "D = 80");
-        assert!(flash_fwd_for(true, &train, &[0x1000, 0x2004], big).is_none(), "off 16 bytes");
-        assert!(flash_bwd_for(true, &train, &[0x1004], big).is_none(), "off 16 bytes");
-        assert!(flash_fwd_for(true, &train, &ok, 99 * 1024).is_none(), "99 KiB");
-        assert_eq!(flash_fwd_for(true, &shape(2, 300, 300, 8, 2, 64), &ok, 99 * 1024).map(|c| c.d), Some(64));
+        assert_eq!(flash_fwd_for(true, &train, &ok, big, false).map(|c| c.d), Some(128));
+        assert_eq!(flash_bwd_for(true, &train, &ok, big, false).map(|c| c.d), Some(128));
+        assert!(flash_fwd_for(false, &train, &ok, big, false).is_none(), "f32");
+        assert!(flash_bwd_for(false, &train, &ok, big, false).is_none(), "f32");
+        assert!(flash_fwd_for(true, &shape(2, 300, 300, 8, 2, 80), &ok, big, false).is_none(), "D = 80");
+        assert!(flash_fwd_for(true, &train, &[0x1000, 0x2004], big, false).is_none(), "off 16 bytes");
+        assert!(flash_bwd_for(true, &train, &[0x1004], big, false).is_none(), "off 16 bytes");
+        assert!(flash_fwd_for(true, &train, &ok, 99 * 1024, false).is_none(), "99 KiB");
+        assert_eq!(flash_fwd_for(true, &shape(2, 300, 300, 8, 2, 64), &ok, 99 * 1024, false).map(|c| c.d), Some(64));
         // Decoding keeps the split-key kernel; its backward is flash.
         let decode = shape(1, DECODE_MAX_TQ, 4096, 32, 8, 128);
-        assert!(flash_fwd_for(true, &decode, &ok, big).is_none());
-        assert!(flash_bwd_for(true, &decode, &ok, big).is_some());
-        assert!(flash_fwd_for(true, &shape(1, DECODE_MAX_TQ + 1, 4096, 32, 8, 128), &ok, big).is_some());
+        assert!(flash_fwd_for(true, &decode, &ok, big, false).is_none());
+        assert!(flash_bwd_for(true, &decode, &ok, big, false).is_some());
+        assert!(flash_fwd_for(true, &shape(1, DECODE_MAX_TQ + 1, 4096, 32, 8, 128), &ok, big, false).is_some());
+        // Hopper: the wgmma kernel, or the mma.sync one where it does not fit.
+        assert_eq!(flash_fwd_for(true, &train, &ok, big, true).map(|c| c.kernel), Some("attention_hflash128_fwd_bf16"));
+        assert_eq!(
+            flash_fwd_for(true, &train, &ok, 120 * 1024, true).map(|c| c.kernel),
+            Some("attention_flash128_fwd_bf16")
+        );
+        assert_eq!(
+            flash_bwd_for(true, &train, &ok, big, true).map(|c| c.kernel),
+            Some("attention_hflash128_dkv_bwd_bf16")
+        );
         assert!((scale_log2(0.125) - 0.125 * std::f32::consts::LOG2_E).abs() < 1e-7);
     }
 }

@@ -26,7 +26,11 @@ pub const MODULES: &[PtxModule] = &[
         sm90a: Some(include_str!("../ptx/elementwise.sm90a.ptx")),
     },
     PtxModule { name: "gemm", sm80: include_str!("../ptx/gemm.ptx"), sm90a: None },
-    PtxModule { name: "attention", sm80: include_str!("../ptx/attention.ptx"), sm90a: None },
+    PtxModule {
+        name: "attention",
+        sm80: include_str!("../ptx/attention.ptx"),
+        sm90a: Some(include_str!("../ptx/attention.sm90a.ptx")),
+    },
     PtxModule { name: "loss", sm80: include_str!("../ptx/loss.ptx"), sm90a: None },
     PtxModule { name: "optim", sm80: include_str!("../ptx/optim.ptx"), sm90a: None },
     PtxModule { name: "nf4", sm80: include_str!("../ptx/nf4.ptx"), sm90a: None },
