@@ -274,7 +274,32 @@ struct GenerateArgs {
     stop: Vec<String>,
 }
 
+/// The library reports through the `log` facade and never prints; the CLI shows its warnings and
+/// notes on stderr, one line each, as `gristmill: …`.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, meta: &log::Metadata<'_>) -> bool {
+        meta.level() <= log::Level::Info && meta.target().starts_with("gristmill")
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let mut err = std::io::stderr().lock();
+            // On a terminal, erase a partly drawn line (a progress bar) so the message stands alone.
+            let clear = if err.is_terminal() { "\r\x1b[2K" } else { "" };
+            // A closed stderr must not stop the program.
+            let _ = writeln!(err, "{clear}gristmill: {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() -> Result<()> {
+    if log::set_logger(&StderrLogger).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let cli = Cli::parse();
     let dev = cli.device.as_deref();
     match cli.command {

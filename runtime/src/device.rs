@@ -1,7 +1,7 @@
 //! Where computation runs: the CPU, or one CUDA GPU through our kernels.
 //!
 //! The CUDA driver is loaded at run time, so the same binary starts everywhere: without a driver
-//! or a GPU, [`Device::cuda_if_available`] says why in one line and picks the CPU.
+//! or a GPU, [`Device::cuda_if_available`] says why in one logged line and picks the CPU.
 
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
@@ -30,12 +30,13 @@ impl Device {
         Err(Error::Unsupported("this build of gristmill has no CUDA backend (feature `cuda`)".into()))
     }
 
-    /// GPU 0 when there is one, else the CPU — after printing one line to stderr that says why.
+    /// GPU 0 when there is one, else the CPU — after one warning through the `log` facade that
+    /// says why (the CLI shows it on stderr).
     pub fn cuda_if_available() -> Self {
         match Self::cuda(0) {
             Ok(d) => d,
             Err(e) => {
-                eprintln!("gristmill: no usable CUDA GPU ({e}); running on the CPU");
+                log::warn!("no usable CUDA GPU ({e}); running on the CPU");
                 Device::Cpu
             }
         }

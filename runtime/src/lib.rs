@@ -13,6 +13,7 @@
 pub use gristmill_core as core;
 
 pub mod adapter;
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod cpu;

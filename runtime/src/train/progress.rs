@@ -188,8 +188,8 @@ pub fn format_status(step: usize, total: usize, loss: f64, lr: f64, tokens_per_s
 static INTERRUPT: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
 
 /// The flag set by Ctrl-C, installing the handler on first use (later calls return the same flag).
-/// The first Ctrl-C sets it and says that the run will save and stop; a second one exits at once
-/// with status 130, without saving.
+/// The first Ctrl-C sets it and says (a warning through the `log` facade) that the run will save
+/// and stop; a second one exits at once with status 130, without saving.
 pub fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     // A panic elsewhere while holding the lock leaves the Option intact: keep using it.
     let mut slot = INTERRUPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -199,12 +199,12 @@ pub fn interrupt_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let seen = flag.clone();
     ctrlc::set_handler(move || {
-        // The handler runs on ctrlc's own thread, not in signal context: printing is fine here.
+        // The handler runs on ctrlc's own thread, not in signal context: logging is fine here.
         if seen.swap(true, Ordering::SeqCst) {
-            eprintln!("\ninterrupted again: exiting now, without saving");
+            log::warn!("interrupted again: exiting now, without saving");
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: saving a checkpoint, then stopping (Ctrl-C again quits at once, without saving)");
+        log::warn!("interrupted: saving a checkpoint, then stopping (Ctrl-C again quits at once, without saving)");
     })
     .map_err(|e| Error::Invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
     *slot = Some(flag.clone());
