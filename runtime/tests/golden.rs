@@ -16,15 +16,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::fixtures;
 use gristmill::model::{BasePrecision, LlamaModel};
 use gristmill::safetensors::{Checkpoint, LoadAs, LoadedWeight};
 use gristmill_core::nf4::{Absmax, Nf4Tensor, block_absmax, dynamic_map_signed};
 use gristmill_core::{DType, Shape};
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn bytes(ck: &Checkpoint, name: &str) -> Vec<u8> {
     ck.get(name).unwrap().data.to_vec()

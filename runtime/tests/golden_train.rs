@@ -11,6 +11,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::{fixtures, golden_batch};
 use gristmill::adapter::{AdapterConfig, TargetModules, attach_lora_tensors};
 use gristmill::data::Batch;
 use gristmill::model::{BasePrecision, LlamaModel};
@@ -20,43 +23,10 @@ use gristmill::train::optim::{AdamW, lora_params};
 use gristmill::train::schedule::lr_at;
 use gristmill::train::step::{LoraGrads, lora_slots, micro_step};
 use gristmill_core::ops::adamw::{AdamWConfig, clip_grad_norm_ref};
-use gristmill_core::ops::cross_entropy::IGNORE_INDEX;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
-}
-
-/// The batch of micro-batch `a` of step `s`, from HF's (input_ids, labels, attention_mask).
-fn batch(g: &Checkpoint, s: usize, a: usize, accum: usize, b: usize, t: usize) -> Batch {
-    let off = ((s * accum + a) * b) * t;
-    let ids = g.to_f32("input_ids").unwrap()[off..off + b * t].to_vec();
-    let labels = g.to_f32("labels").unwrap()[off..off + b * t].to_vec();
-    let mask = g.to_f32("attention_mask").unwrap()[off..off + b * t].to_vec();
-    let mut targets = vec![IGNORE_INDEX; b * t];
-    for r in 0..b {
-        for i in 0..t - 1 {
-            // HF shifts inside the model: position i predicts label i + 1.
-            targets[r * t + i] = labels[r * t + i + 1] as i64;
-        }
-    }
-    let n_targets = targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
-    Batch {
-        b,
-        t,
-        tokens: ids.iter().map(|&v| v as u32).collect(),
-        targets,
-        positions: (0..b).flat_map(|_| 0..t as u32).collect(),
-        // Right padding: the padded keys form their own segment, so no real token attends to them.
-        segments: mask.iter().map(|&m| if m > 0.5 { 0 } else { 1 }).collect(),
-        n_targets,
-        n_tokens: mask.iter().filter(|&&m| m > 0.5).count(),
-    }
 }
 
 #[test]
@@ -91,7 +61,7 @@ fn ten_qlora_steps_match_peft() {
     let mut grads = LoraGrads::zeros(&model);
     let (mut worst_loss, mut worst_grad, mut worst_norm) = (0f32, 0f32, 0f32);
     for s in 0..steps {
-        let micro: Vec<Batch> = (0..accum).map(|a| batch(&g, s, a, accum, b, t)).collect();
+        let micro: Vec<Batch> = (0..accum).map(|a| golden_batch(&g, s, a, accum, b, t)).collect();
         let n_tok: usize = micro.iter().map(|m| m.n_targets).sum();
         grads.clear();
         let mut loss_sum = 0.0;

@@ -18,6 +18,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::{fixtures, golden_batch, write_synth_data};
 use gristmill::Device;
 use gristmill::adapter::{AdapterConfig, LoraSpec, TargetModules, attach_lora_tensors, init_lora};
 use gristmill::backend::cuda::CudaBackend;
@@ -34,15 +37,8 @@ use gristmill::train::step::Dropout;
 use gristmill::train::trainer::{Hooks, train};
 use gristmill_core::ops::adamw::AdamWConfig;
 use gristmill_core::ops::cross_entropy::IGNORE_INDEX;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-
-/// tests/fixtures of this checkout, or of the working directory when the binary runs elsewhere
-/// (the GPU machine runs it from a copy of the repository's root).
-fn fixtures() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    if built.exists() { built } else { PathBuf::from("tests/fixtures") }
-}
 
 fn gpu() -> Arc<gristmill_kernels::Gpu> {
     match Device::cuda(0) {
@@ -249,32 +245,9 @@ fn ten_golden_qlora_steps_on_the_gpu() {
     let mut cpu = Engine::new(&Device::Cpu, &cpu_model, &opt_c).unwrap();
     let mut cuda = Engine::with_dtype(&Device::Cuda(gpu), &model, &opt_g, ComputeDtype::F32).unwrap();
     let want_losses = g.to_f32("losses").unwrap();
-    let ids = g.to_f32("input_ids").unwrap();
-    let labels = g.to_f32("labels").unwrap();
-    let mask = g.to_f32("attention_mask").unwrap();
     let mut worst = 0f64;
     for s in 0..steps {
-        let micro: Vec<Batch> = (0..accum)
-            .map(|a| {
-                let off = ((s * accum + a) * b) * t;
-                let mut targets = vec![IGNORE_INDEX; b * t];
-                for r in 0..b {
-                    for i in 0..t - 1 {
-                        targets[r * t + i] = labels[off + r * t + i + 1] as i64;
-                    }
-                }
-                Batch {
-                    b,
-                    t,
-                    tokens: ids[off..off + b * t].iter().map(|&v| v as u32).collect(),
-                    n_targets: targets.iter().filter(|&&x| x != IGNORE_INDEX).count(),
-                    targets,
-                    positions: (0..b).flat_map(|_| 0..t as u32).collect(),
-                    segments: mask[off..off + b * t].iter().map(|&m| if m > 0.5 { 0 } else { 1 }).collect(),
-                    n_tokens: 0,
-                }
-            })
-            .collect();
+        let micro: Vec<Batch> = (0..accum).map(|a| golden_batch(&g, s, a, accum, b, t)).collect();
         let n_tok: usize = micro.iter().map(|m| m.n_targets).sum();
         let lr = lr_at(SchedulerKind::Linear, s, 3, steps, 5e-3);
         let mut losses = [0f64; 2];
@@ -354,14 +327,7 @@ fn a_training_run_on_the_gpu_tracks_the_cpu() {
     let dir = std::env::temp_dir().join(format!("gristmill-gpu-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let data = dir.join("data.jsonl");
-    let mut text = String::new();
-    for ex in gristmill::data::synth::generate(120, 7) {
-        let line = serde_json::json!({"question": ex.field("question").unwrap(), "answer": ex.response().unwrap()});
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
-    std::fs::write(&data, text).unwrap();
+    let data = write_synth_data(&dir);
     let mut runs = Vec::new();
     for (name, device, dtype) in [("cpu", "cpu", "f32"), ("cuda", "cuda", "f32"), ("cuda16", "cuda", "bf16")] {
         let out_dir = dir.join(name);

@@ -3,34 +3,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
+use common::{fixtures, write_synth_data};
 use gristmill::model::{BasePrecision, LlamaModel};
 use gristmill::train::config::TrainConfig;
 use gristmill::train::metrics::{Record, read_metrics};
 use gristmill::train::trainer::{Hooks, train};
 use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gristmill-train-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// 120 synthetic problems as GSM8K-style JSON Lines.
-fn write_data(dir: &Path) -> PathBuf {
-    let path = dir.join("data.jsonl");
-    let mut text = String::new();
-    for ex in gristmill::data::synth::generate(120, 7) {
-        let line = serde_json::json!({"question": ex.field("question").unwrap(), "answer": ex.response().unwrap()});
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 fn config(data: &Path, out: &Path, extra: &str) -> TrainConfig {
@@ -73,7 +59,7 @@ fn losses(records: &[Record]) -> Vec<(usize, f64)> {
 #[test]
 fn a_run_writes_its_outputs_and_the_adapter_loads() {
     let dir = tmp("outputs");
-    let data = write_data(&dir);
+    let data = write_synth_data(&dir);
     let run = dir.join("run");
     let out = train(&config(&data, &run, ""), Hooks::default()).unwrap();
     assert_eq!((out.steps, out.total_steps), (12, 12));
@@ -114,7 +100,7 @@ fn a_run_writes_its_outputs_and_the_adapter_loads() {
 #[test]
 fn stopping_and_resuming_gives_the_same_losses() {
     let dir = tmp("resume");
-    let data = write_data(&dir);
+    let data = write_synth_data(&dir);
     let full = train(&config(&data, &dir.join("full"), ""), Hooks::default()).unwrap();
     assert_eq!(full.steps, 12);
     let want = losses(&read_metrics(&dir.join("full/metrics.jsonl")).unwrap());
@@ -155,7 +141,7 @@ fn example_recipes_parse_and_validate() {
 #[test]
 fn packing_trains_and_a_diverging_run_stops_with_its_last_checkpoint_named() {
     let dir = tmp("packing");
-    let data = write_data(&dir);
+    let data = write_synth_data(&dir);
     // Packing: several examples per row, attention kept inside each.
     let packed = train(&config(&data, &dir.join("packed"), "").with_packing(), Hooks::default()).unwrap();
     assert_eq!(packed.steps, 12);
