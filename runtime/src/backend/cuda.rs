@@ -245,14 +245,17 @@ impl<T: Float> CudaBackend<T> {
 
     /// The LoRA parameters, one host vector per buffer (A then B per slot).
     pub fn download_lora(&self) -> Result<Vec<Vec<f32>>> {
-        let all = self.gpu.download(&self.lora)?;
-        Ok(self.lora_layout.iter().map(|&(o, l)| all[o..o + l].to_vec()).collect())
+        Ok(self.split_lora(&self.gpu.download(&self.lora)?))
+    }
+
+    /// A flat host copy of a buffer in the LoRA layout, split into one vector per A or B.
+    fn split_lora(&self, all: &[f32]) -> Vec<Vec<f32>> {
+        self.lora_layout.iter().map(|&(o, l)| all[o..o + l].to_vec()).collect()
     }
 
     /// Gradients as host vectors in the same split.
     pub fn download_grads(&self, g: &GpuGrads) -> Result<Vec<Vec<f32>>> {
-        let all = self.gpu.download(&g.flat)?;
-        Ok(self.lora_layout.iter().map(|&(o, l)| all[o..o + l].to_vec()).collect())
+        Ok(self.split_lora(&self.gpu.download(&g.flat)?))
     }
 
     /// Writes the GPU's LoRA factors back into `model`'s adapters (for checkpoints and saving).
@@ -798,8 +801,7 @@ impl GpuAdamW {
     /// Moments to the host, split like the LoRA buffers (for checkpoints).
     pub fn download<T: Float>(&self, be: &CudaBackend<T>) -> Result<Moments> {
         let (m, v) = (be.gpu.download(&self.m)?, be.gpu.download(&self.v)?);
-        let split = |all: &[f32]| be.lora_layout.iter().map(|&(o, l)| all[o..o + l].to_vec()).collect();
-        Ok((split(&m), split(&v)))
+        Ok((be.split_lora(&m), be.split_lora(&v)))
     }
 
     /// Moments from the host (split like the LoRA buffers).
