@@ -55,6 +55,19 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Compare training runs: a summary table (steps, final train loss, final and best validation
+    /// loss, tokens/s, peak memory, wall time) and every run's loss curves on one PNG.
+    Compare {
+        /// Training run directories (each with a metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the chart.
+        #[arg(long, default_value = "compare.png")]
+        out: PathBuf,
+        /// Print the summaries as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Chat with a model (and optional adapter) in the terminal, with history and the model's chat
     /// template. Commands: /reset clears the history, /exit (or end of input) quits.
     Chat {
@@ -330,6 +343,7 @@ fn main() -> Result<()> {
             let (a, j) = (adapter.as_deref(), json.as_deref());
             eval_cmd(&model, a, &data, &template, max_examples, max_new_tokens, show, j, dev)
         }
+        Command::Compare { runs, out, json } => compare_cmd(&runs, &out, json),
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
         Command::Inspect { path, tensors } => {
             let report = gristmill::inspect::inspect(&path)?;
@@ -555,6 +569,18 @@ fn eval_cmd(
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
+}
+
+fn compare_cmd(runs: &[PathBuf], out: &Path, json: bool) -> Result<()> {
+    let runs = gristmill::compare::summarize_runs(runs)?;
+    gristmill::compare::plot_runs(out, &runs)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+    } else {
+        print!("{}", gristmill::compare::format_table(&runs));
+    }
+    eprintln!("loss curves of {} run(s) in {}", runs.len(), out.display());
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! - [`gguf`]: reading GGUF files and importing them as HF-layout checkpoints;
 //! - [`cpu`]: fast CPU kernels (GEMM, GEMV) checked against the core's references;
 //! - [`model`]: the Llama-family model with a KV cache; [`generate`]: sampling and generation;
+//! - [`compare`]: training runs side by side (summary table, loss curves on one chart);
 //! - [`selfcheck`]: the reference path end to end on an embedded default;
 //! - [`doctor`]: the GPU, its PTX modules and every kernel against its reference; kernel benchmarks.
 
@@ -15,6 +16,7 @@ pub use gristmill_core as core;
 pub mod adapter;
 pub mod api;
 pub mod backend;
+pub mod compare;
 pub mod config;
 pub mod cpu;
 pub mod data;

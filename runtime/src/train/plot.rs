@@ -17,6 +17,8 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Line color, RGB.
     pub color: [u8; 3],
+    /// Drawn dashed (a second curve of the same color, e.g. a run's validation loss).
+    pub dashed: bool,
 }
 
 /// Line colors for successive series (matplotlib's first eight "tab10" colors).
@@ -34,12 +36,21 @@ pub const COLORS: [[u8; 3]; 8] = [
 impl Series {
     /// A series colored by its position `index` in the chart.
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>, index: usize) -> Self {
-        Series { name: name.into(), points, color: COLORS[index % COLORS.len()] }
+        Series { name: name.into(), points, color: COLORS[index % COLORS.len()], dashed: false }
+    }
+
+    /// The same series drawn dashed.
+    pub fn dashed(self) -> Self {
+        Series { dashed: true, ..self }
     }
 }
 
-const WIDTH: usize = 800;
-const HEIGHT: usize = 500;
+/// Dash pattern of dashed lines: this many steps along the line drawn, then as many skipped.
+const DASH: u32 = 7;
+
+/// Size of every chart, in pixels.
+pub const WIDTH: usize = 800;
+pub const HEIGHT: usize = 500;
 const WHITE: [u8; 3] = [255, 255, 255];
 const BLACK: [u8; 3] = [0, 0, 0];
 const TEXT: [u8; 3] = [40, 40, 40];
@@ -99,17 +110,32 @@ impl Canvas {
         self.fill(x, y0, x, y1, c);
     }
 
-    /// A 2-pixel-wide Bresenham line, clipped to `clip` (x0, y0, x1, y1 inclusive).
-    fn line(&mut self, (mut x0, mut y0): (i64, i64), (x1, y1): (i64, i64), c: [u8; 3], clip: Rect) {
+    /// A 2-pixel-wide Bresenham line, clipped to `clip` (x0, y0, x1, y1 inclusive). With `dash`, the
+    /// line is dashed and the counter carries the pattern's phase from one segment to the next.
+    fn line(
+        &mut self,
+        (mut x0, mut y0): (i64, i64),
+        (x1, y1): (i64, i64),
+        c: [u8; 3],
+        clip: Rect,
+        mut dash: Option<&mut u32>,
+    ) {
         let dx = (x1 - x0).abs();
         let dy = -(y1 - y0).abs();
         let sx = if x0 < x1 { 1 } else { -1 };
         let sy = if y0 < y1 { 1 } else { -1 };
         let mut err = dx + dy;
         loop {
+            let on = match dash.as_deref_mut() {
+                Some(n) => {
+                    *n = n.wrapping_add(1);
+                    (*n / DASH).is_multiple_of(2)
+                }
+                None => true,
+            };
             for (ox, oy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
                 let (x, y) = (x0 + ox, y0 + oy);
-                if clip.contains(x, y) {
+                if on && clip.contains(x, y) {
                     self.set(x, y, c);
                 }
             }
@@ -319,6 +345,7 @@ fn render(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Canva
     // Curves, clipped to the inside of the frame.
     let inner = Rect { x0: a.x0 + 1, y0: a.y0 + 1, x1: a.x1 - 1, y1: a.y1 - 1 };
     for s in series {
+        let mut phase = 0u32;
         let ok = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
         for (i, p) in s.points.iter().enumerate() {
             if !ok(p) {
@@ -326,7 +353,7 @@ fn render(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Canva
             }
             let here = l.map(*p);
             match s.points.get(i + 1).filter(|q| ok(q)) {
-                Some(q) => c.line(here, l.map(*q), s.color, inner),
+                Some(q) => c.line(here, l.map(*q), s.color, inner, s.dashed.then_some(&mut phase)),
                 None => {
                     // A point with no finite successor and no finite predecessor would be
                     // invisible: mark it.
@@ -368,7 +395,13 @@ fn render(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Canva
         c.vline(lx1, ly0, ly0 + h, GRID);
         for (i, s) in series.iter().enumerate() {
             let y = ly0 + 8 + row * i as i64;
-            c.fill(lx0 + 8, y + 6, lx0 + 32, y + 8, s.color);
+            if s.dashed {
+                for x0 in [lx0 + 8, lx0 + 22] {
+                    c.fill(x0, y + 6, x0 + 6, y + 8, s.color);
+                }
+            } else {
+                c.fill(lx0 + 8, y + 6, lx0 + 32, y + 8, s.color);
+            }
             c.text(lx0 + 40, y, &s.name, 2, TEXT);
         }
     }
@@ -558,73 +591,75 @@ fn encode_png(c: &Canvas) -> Vec<u8> {
     out
 }
 
+/// A decoded PNG: width, height and RGB pixels, after checking every structure and checksum (test
+/// support: only the stored deflate blocks this module writes).
+#[cfg(test)]
+pub(crate) fn decode_png(b: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
+    assert_eq!(&b[..8], &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A]);
+    let mut i = 8;
+    let (mut w, mut h, mut color_type) = (0, 0, 0);
+    let mut palette: Vec<[u8; 3]> = Vec::new();
+    let mut idat = Vec::new();
+    let mut kinds = Vec::new();
+    while i < b.len() {
+        let n = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
+        let kind: [u8; 4] = b[i + 4..i + 8].try_into().unwrap();
+        let data = &b[i + 8..i + 8 + n];
+        let crc = u32::from_be_bytes(b[i + 8 + n..i + 12 + n].try_into().unwrap());
+        assert_eq!(crc, crc32(&[&kind, data]), "crc of {}", String::from_utf8_lossy(&kind));
+        match &kind {
+            b"IHDR" => {
+                w = u32::from_be_bytes(data[0..4].try_into().unwrap()) as usize;
+                h = u32::from_be_bytes(data[4..8].try_into().unwrap()) as usize;
+                assert_eq!(data[8], 8);
+                color_type = data[9];
+                assert_eq!(&data[10..13], &[0, 0, 0]);
+            }
+            b"PLTE" => palette = data.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
+            b"IDAT" => idat.extend_from_slice(data),
+            b"IEND" => assert!(data.is_empty()),
+            other => panic!("unexpected chunk {other:?}"),
+        }
+        kinds.push(kind);
+        i += 12 + n;
+    }
+    assert_eq!(i, b.len());
+    assert_eq!(kinds.first(), Some(b"IHDR"));
+    assert_eq!(kinds.last(), Some(b"IEND"));
+    // zlib header, stored blocks, Adler-32.
+    assert_eq!((u32::from(idat[0]) * 256 + u32::from(idat[1])) % 31, 0);
+    assert_eq!(idat[0] & 0x0F, 8, "deflate");
+    let mut j = 2;
+    let mut raw = Vec::new();
+    loop {
+        let header = idat[j];
+        assert_eq!(header & 0b110, 0, "stored block");
+        let len = u16::from_le_bytes([idat[j + 1], idat[j + 2]]);
+        let nlen = u16::from_le_bytes([idat[j + 3], idat[j + 4]]);
+        assert_eq!(len, !nlen);
+        raw.extend_from_slice(&idat[j + 5..j + 5 + len as usize]);
+        j += 5 + len as usize;
+        if header & 1 == 1 {
+            break;
+        }
+    }
+    assert_eq!(u32::from_be_bytes(idat[j..j + 4].try_into().unwrap()), adler32(&raw));
+    assert_eq!(j + 4, idat.len());
+    let bpp = if color_type == 3 { 1 } else { 3 };
+    assert_eq!(raw.len(), h * (1 + w * bpp));
+    let mut px = Vec::with_capacity(w * h);
+    for row in raw.chunks(1 + w * bpp) {
+        assert_eq!(row[0], 0, "filter none");
+        for p in row[1..].chunks(bpp) {
+            px.push(if bpp == 1 { palette[p[0] as usize] } else { [p[0], p[1], p[2]] });
+        }
+    }
+    (w, h, px)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A decoded PNG: width, height and RGB pixels, after checking every structure and checksum.
-    fn decode_png(b: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
-        assert_eq!(&b[..8], &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A]);
-        let mut i = 8;
-        let (mut w, mut h, mut color_type) = (0, 0, 0);
-        let mut palette: Vec<[u8; 3]> = Vec::new();
-        let mut idat = Vec::new();
-        let mut kinds = Vec::new();
-        while i < b.len() {
-            let n = u32::from_be_bytes(b[i..i + 4].try_into().unwrap()) as usize;
-            let kind: [u8; 4] = b[i + 4..i + 8].try_into().unwrap();
-            let data = &b[i + 8..i + 8 + n];
-            let crc = u32::from_be_bytes(b[i + 8 + n..i + 12 + n].try_into().unwrap());
-            assert_eq!(crc, crc32(&[&kind, data]), "crc of {}", String::from_utf8_lossy(&kind));
-            match &kind {
-                b"IHDR" => {
-                    w = u32::from_be_bytes(data[0..4].try_into().unwrap()) as usize;
-                    h = u32::from_be_bytes(data[4..8].try_into().unwrap()) as usize;
-                    assert_eq!(data[8], 8);
-                    color_type = data[9];
-                    assert_eq!(&data[10..13], &[0, 0, 0]);
-                }
-                b"PLTE" => palette = data.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
-                b"IDAT" => idat.extend_from_slice(data),
-                b"IEND" => assert!(data.is_empty()),
-                other => panic!("unexpected chunk {other:?}"),
-            }
-            kinds.push(kind);
-            i += 12 + n;
-        }
-        assert_eq!(i, b.len());
-        assert_eq!(kinds.first(), Some(b"IHDR"));
-        assert_eq!(kinds.last(), Some(b"IEND"));
-        // zlib header, stored blocks, Adler-32.
-        assert_eq!((u32::from(idat[0]) * 256 + u32::from(idat[1])) % 31, 0);
-        assert_eq!(idat[0] & 0x0F, 8, "deflate");
-        let mut j = 2;
-        let mut raw = Vec::new();
-        loop {
-            let header = idat[j];
-            assert_eq!(header & 0b110, 0, "stored block");
-            let len = u16::from_le_bytes([idat[j + 1], idat[j + 2]]);
-            let nlen = u16::from_le_bytes([idat[j + 3], idat[j + 4]]);
-            assert_eq!(len, !nlen);
-            raw.extend_from_slice(&idat[j + 5..j + 5 + len as usize]);
-            j += 5 + len as usize;
-            if header & 1 == 1 {
-                break;
-            }
-        }
-        assert_eq!(u32::from_be_bytes(idat[j..j + 4].try_into().unwrap()), adler32(&raw));
-        assert_eq!(j + 4, idat.len());
-        let bpp = if color_type == 3 { 1 } else { 3 };
-        assert_eq!(raw.len(), h * (1 + w * bpp));
-        let mut px = Vec::with_capacity(w * h);
-        for row in raw.chunks(1 + w * bpp) {
-            assert_eq!(row[0], 0, "filter none");
-            for p in row[1..].chunks(bpp) {
-                px.push(if bpp == 1 { palette[p[0] as usize] } else { [p[0], p[1], p[2]] });
-            }
-        }
-        (w, h, px)
-    }
 
     fn tmp(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("gristmill-plot-{name}-{}.png", std::process::id()))
@@ -755,6 +790,20 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         // An unwritable path is an error, not a panic.
         assert!(plot_losses(Path::new("/nonexistent/dir/plot.png"), "x", &one).is_err());
+    }
+
+    #[test]
+    fn dashed_lines_have_gaps() {
+        let flat =
+            vec![Series::new("val", vec![(0.0, 1.0), (100.0, 1.0)], 1).dashed(), Series::new("x", vec![(0.0, 0.0)], 0)];
+        let l = Layout::new(&flat);
+        let c = render("", "step", "loss", &flat);
+        let (x0, y) = l.map((0.0, 1.0));
+        let (x1, _) = l.map((60.0, 1.0));
+        let on = (x0..x1).filter(|&x| c.get(x as usize, y as usize) == COLORS[1]).count();
+        let span = (x1 - x0) as usize;
+        // Half drawn, half skipped, give or take a dash.
+        assert!(on > span / 3 && on < 2 * span / 3, "{on} of {span} pixels drawn");
     }
 
     #[test]
