@@ -30,8 +30,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a LoRA adapter (QLoRA: NF4 base by default) on a dataset.
     Train(Box<TrainArgs>),
-    /// Score a model (with an optional adapter) on a dataset by exact match of the final answer
-    /// (GSM8K's "#### N" or the last number), greedy decoding.
+    /// Score a model (with an optional adapter) on a dataset, greedy decoding: exact match of the
+    /// final answer (GSM8K's "#### N" or the last number), or classification metrics when the
+    /// reference answers form a closed label set; per-bucket scores when examples have a bucket.
     Eval {
         #[arg(long)]
         model: PathBuf,
@@ -51,9 +52,16 @@ enum Command {
         /// Print this many examples with the model's output.
         #[arg(long, default_value_t = 3)]
         show: usize,
-        /// Write every scored example here as JSON.
+        /// Write the metrics and every scored example here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// auto (classify when the reference answers are at most 20 distinct labels, each used twice
+        /// on average), exact (exact match of the final answer) or classify.
+        #[arg(long, default_value = "auto")]
+        task: String,
+        /// Score the base model too and print both side by side (needs --adapter).
+        #[arg(long)]
+        compare_base: bool,
     },
     /// Compare training runs: a summary table (steps, final train loss, final and best validation
     /// loss, tokens/s, peak memory, wall time) and every run's loss curves on one PNG.
@@ -339,9 +347,31 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Eval { model, adapter, data, template, max_examples, max_new_tokens, show, json } => {
-            let (a, j) = (adapter.as_deref(), json.as_deref());
-            eval_cmd(&model, a, &data, &template, max_examples, max_new_tokens, show, j, dev)
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            template,
+            max_examples,
+            max_new_tokens,
+            show,
+            json,
+            task,
+            compare_base,
+        } => {
+            let args = EvalArgs {
+                model: &model,
+                adapter: adapter.as_deref(),
+                data: &data,
+                template: &template,
+                max_examples,
+                max_new_tokens,
+                show,
+                json: json.as_deref(),
+                task: task.parse()?,
+                compare_base,
+            };
+            eval_cmd(&args, dev)
         }
         Command::Compare { runs, out, json } => compare_cmd(&runs, &out, json),
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
@@ -489,41 +519,60 @@ fn generate_cmd(a: GenerateArgs, dev: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn eval_cmd(
-    model_dir: &Path,
-    adapter: Option<&Path>,
-    data: &Path,
-    template: &str,
+/// What `gristmill eval` was asked.
+struct EvalArgs<'a> {
+    model: &'a Path,
+    adapter: Option<&'a Path>,
+    data: &'a Path,
+    template: &'a str,
     max_examples: Option<usize>,
     max_new_tokens: usize,
     show: usize,
-    json: Option<&Path>,
-    dev: Option<&str>,
-) -> Result<()> {
+    json: Option<&'a Path>,
+    task: gristmill::eval::Task,
+    compare_base: bool,
+}
+
+fn eval_cmd(a: &EvalArgs<'_>, dev: Option<&str>) -> Result<()> {
     use gristmill::data::{Format, Template, load_examples};
-    let mut model = LlamaModel::load(model_dir, BasePrecision::AsStored)?;
-    if let Some(dir) = adapter {
-        gristmill::adapter::load_peft_adapter(&mut model, dir)?;
+    if a.compare_base && a.adapter.is_none() {
+        bail!("--compare-base needs --adapter (the base is compared with the base plus the adapter)");
     }
-    let tok = Tokenizer::from_dir(model_dir)?;
-    let (mut examples, report) = load_examples(data, Format::Auto)?;
-    if let Some(n) = max_examples {
+    let mut model = LlamaModel::load(a.model, BasePrecision::AsStored)?;
+    let tok = Tokenizer::from_dir(a.model)?;
+    let (mut examples, report) = load_examples(a.data, Format::Auto)?;
+    if let Some(n) = a.max_examples {
         examples.truncate(n);
     }
-    let template = Template::resolve(Some(template), &tok, report.format)?;
+    let template = Template::resolve(Some(a.template), &tok, report.format)?;
     let tty = std::io::stderr().is_terminal();
     let device = device(dev)?;
-    let runner = gristmill::generate::Runner::new(&device, &model)?;
-    let r = gristmill::eval::exact_match_eval_on(&runner, &tok, &template, &examples, max_new_tokens, &mut |d, n| {
-        if tty {
-            eprint!("\rscoring {d}/{n}");
-            if d == n {
-                eprintln!();
+    let run = |model: &LlamaModel, what: &str| -> Result<gristmill::eval::ExactMatch> {
+        let runner = gristmill::generate::Runner::new(&device, model)?;
+        Ok(gristmill::eval::eval_on(&runner, &tok, &template, &examples, a.max_new_tokens, a.task, &mut |d, n| {
+            if tty {
+                eprint!("\rscoring {what} {d}/{n}");
+                if d == n {
+                    eprintln!();
+                }
             }
+        })?)
+    };
+    // (name, results) of each model scored.
+    let mut results = Vec::new();
+    if a.compare_base {
+        results.push(("base".to_string(), run(&model, "base")?));
+    }
+    let name = match a.adapter {
+        Some(dir) => {
+            gristmill::adapter::load_peft_adapter(&mut model, dir)?;
+            "adapter"
         }
-    })?;
-    for item in r.items.iter().take(show) {
+        None => "model",
+    };
+    results.push((name.to_string(), run(&model, name)?));
+    let (_, r) = &results[results.len() - 1];
+    for item in r.items.iter().take(a.show) {
         println!("--- {}", item.prompt.trim_end());
         println!("{}", item.output.trim_end());
         println!(
@@ -533,43 +582,77 @@ fn eval_cmd(
             if item.correct { "correct" } else { "wrong" }
         );
     }
-    let who = match adapter {
-        Some(a) => format!("{} + adapter {}", model_dir.display(), a.display()),
-        None => model_dir.display().to_string(),
+    let who = match a.adapter {
+        Some(ad) => format!("{} + adapter {}", a.model.display(), ad.display()),
+        None => a.model.display().to_string(),
     };
-    let (_, lo, hi) = r.accuracy_ci();
-    let (f1, rouge, bleu) = r.overlap()?;
+    let task = if r.labels.is_empty() {
+        "exact match of the final answer".to_string()
+    } else {
+        format!("classification over {} labels", r.labels.len())
+    };
     println!(
-        "exact match: {}/{} = {:.1}% ({who}; template {}; {:.1}s, {:.1} tok/s)",
-        r.correct,
+        "{who}: {} examples, {task}; template {}; {:.1}s, {:.1} tok/s",
         r.n(),
-        100.0 * r.accuracy(),
         template.name(),
         r.seconds,
         r.new_tokens as f64 / r.seconds.max(1e-9)
     );
-    println!(
-        "  95% CI {:.1}–{:.1}%; against the reference responses: token F1 {:.3}, ROUGE-L {:.3}, BLEU {:.1}",
-        100.0 * lo,
-        100.0 * hi,
-        f1,
-        rouge,
-        bleu
-    );
-    if let Some(path) = json {
-        let items: Vec<serde_json::Value> = r
-            .items
-            .iter()
-            .map(|i| serde_json::json!({"prompt": i.prompt, "gold": i.gold, "output": i.output, "predicted": i.predicted, "correct": i.correct}))
-            .collect();
-        let doc = serde_json::json!({
-            "exact_match": r.accuracy(), "exact_match_ci95": [lo, hi], "correct": r.correct, "n": r.n(),
-            "token_f1": f1, "rouge_l": rouge, "bleu": bleu, "items": items,
-        });
+    let tables = results.iter().map(|(n, r)| Ok((n.clone(), r.metric_rows()?))).collect::<Result<Vec<_>>>()?;
+    print!("{}", metric_table(&tables));
+    if let Some(path) = a.json {
+        let doc = if a.compare_base {
+            let mut m = serde_json::Map::new();
+            for (n, r) in &results {
+                m.insert(n.clone(), r.to_json()?);
+            }
+            serde_json::Value::Object(m)
+        } else {
+            r.to_json()?
+        };
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The metrics of one or more models side by side (with the difference to the first when there
+/// are two); intervals in brackets.
+fn metric_table(runs: &[(String, Vec<gristmill::eval::MetricRow>)]) -> String {
+    let cell = |r: &gristmill::eval::MetricRow| match r.ci95 {
+        Some((lo, hi)) => format!("{:.3} [{lo:.3}, {hi:.3}]", r.value),
+        None => format!("{:.3}", r.value),
+    };
+    let mut header = vec!["metric".to_string()];
+    header.extend(runs.iter().map(|(n, _)| n.clone()));
+    if runs.len() == 2 {
+        header.push("difference".into());
+    }
+    let mut rows = vec![header];
+    for (i, first) in runs.first().map(|r| r.1.as_slice()).unwrap_or_default().iter().enumerate() {
+        let mut line = vec![first.name.clone()];
+        let values: Vec<Option<&gristmill::eval::MetricRow>> =
+            runs.iter().map(|(_, rows)| rows.get(i).filter(|r| r.name == first.name)).collect();
+        line.extend(values.iter().map(|v| v.map_or("-".into(), cell)));
+        if let [Some(a), Some(b)] = values.as_slice() {
+            line.push(format!("{:+.3}", b.value - a.value));
+        }
+        rows.push(line);
+    }
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, s)| if c == 0 { format!("{s:<w$}", w = widths[c]) } else { format!("{s:>w$}", w = widths[c]) })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn compare_cmd(runs: &[PathBuf], out: &Path, json: bool) -> Result<()> {

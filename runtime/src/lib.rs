@@ -30,6 +30,7 @@ pub mod inspect;
 pub mod merge;
 pub mod model;
 pub mod safetensors;
+pub mod scores;
 pub mod selfcheck;
 pub mod textmetrics;
 pub mod tokenizer;

@@ -1,6 +1,6 @@
 //! Text-overlap metrics for generation evaluation: SQuAD-style token F1, corpus BLEU as
 //! `sacrebleu` computes it by default, ROUGE-L as the `rouge-score` package computes it, and
-//! percentile-bootstrap confidence intervals of a mean.
+//! percentile-bootstrap confidence intervals of a mean or of any statistic.
 
 use std::collections::HashMap;
 
@@ -298,21 +298,46 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 /// interpolation). `level` is clamped to `[0, 1]` (NaN counts as 0). With no scores the result
 /// is `(0, 0, 0)`; with `resamples == 0` the interval collapses to the mean.
 pub fn bootstrap_ci(scores: &[f64], resamples: usize, seed: u64, level: f64) -> (f64, f64, f64) {
-    if scores.is_empty() {
+    bootstrap_stat_ci(scores.len(), resamples, seed, level, |idx| {
+        idx.iter().map(|&i| scores[i]).sum::<f64>() / idx.len().max(1) as f64
+    })
+}
+
+/// Percentile-bootstrap confidence interval of any statistic of `n` items.
+///
+/// `stat` gets the indices of the items in a sample (`0..n` for the observed value, then
+/// `resamples` resamples of `n` indices drawn with replacement by [`Rng`] seeded with `seed`) and
+/// returns the statistic. Returns `(observed, lo, hi)` as [`bootstrap_ci`] does; `n == 0` gives
+/// `(0, 0, 0)` without calling `stat`.
+pub fn bootstrap_stat_ci(
+    n: usize,
+    resamples: usize,
+    seed: u64,
+    level: f64,
+    mut stat: impl FnMut(&[usize]) -> f64,
+) -> (f64, f64, f64) {
+    if n == 0 {
         return (0.0, 0.0, 0.0);
     }
-    let n = scores.len();
-    let mean = scores.iter().sum::<f64>() / n as f64;
+    let all: Vec<usize> = (0..n).collect();
+    let observed = stat(&all);
     if resamples == 0 {
-        return (mean, mean, mean);
+        return (observed, observed, observed);
     }
     let level = if level.is_nan() { 0.0 } else { level.clamp(0.0, 1.0) };
     let mut rng = Rng::new(seed);
-    let mut means: Vec<f64> =
-        (0..resamples).map(|_| (0..n).map(|_| scores[rng.below(n as u64) as usize]).sum::<f64>() / n as f64).collect();
-    means.sort_by(f64::total_cmp);
+    let mut idx = vec![0usize; n];
+    let mut values: Vec<f64> = (0..resamples)
+        .map(|_| {
+            for i in &mut idx {
+                *i = rng.below(n as u64) as usize;
+            }
+            stat(&idx)
+        })
+        .collect();
+    values.sort_by(f64::total_cmp);
     let alpha = (1.0 - level) / 2.0;
-    (mean, quantile(&means, alpha), quantile(&means, 1.0 - alpha))
+    (observed, quantile(&values, alpha), quantile(&values, 1.0 - alpha))
 }
 
 #[cfg(test)]
