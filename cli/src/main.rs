@@ -76,6 +76,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train every point of a hyperparameter grid, one run after another, into OUT/<run-name>, then
+    /// print the comparison table. Running it again skips finished runs and resumes an interrupted one.
+    Sweep {
+        /// The base configuration (TOML, as for train).
+        #[arg(long)]
+        config: PathBuf,
+        /// The grid: space-separated axes of comma-separated values, e.g.
+        /// "lr=1e-5,2e-5 batch=8,16 seed=42,1337". Short names: lr, batch, seed, r, alpha, dropout,
+        /// epochs, steps, accum, warmup, wd, scheduler, optimizer, seq_len; or any section.key.
+        #[arg(long)]
+        grid: String,
+        /// Directory of the runs (and sweep.json, compare.png).
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a configuration key in every run (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Chat with a model (and optional adapter) in the terminal, with history and the model's chat
     /// template. Commands: /reset clears the history, /exit (or end of input) quits.
     Chat {
@@ -374,6 +392,7 @@ fn main() -> Result<()> {
             eval_cmd(&args, dev)
         }
         Command::Compare { runs, out, json } => compare_cmd(&runs, &out, json),
+        Command::Sweep { config, grid, out, sets } => sweep_cmd(&config, &grid, &out, sets, dev),
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
         Command::Inspect { path, tensors } => {
             let report = gristmill::inspect::inspect(&path)?;
@@ -653,6 +672,36 @@ fn metric_table(runs: &[(String, Vec<gristmill::eval::MetricRow>)]) -> String {
         out.push('\n');
     }
     out
+}
+
+fn sweep_cmd(config: &Path, grid: &str, out: &Path, mut sets: Vec<String>, dev: Option<&str>) -> Result<()> {
+    use gristmill::sweep::{Status, SweepHooks, parse_grid, points, run_sweep};
+    let axes = parse_grid(grid)?;
+    if let Some(d) = dev {
+        sets.push(format!("train.device={d}"));
+    }
+    eprintln!("sweep: {} runs into {}", points(&axes).len(), out.display());
+    let interrupt = gristmill::train::progress::interrupt_flag()?;
+    let hooks = SweepHooks { on_step: None, interrupt: Some(interrupt), progress: true };
+    let report = run_sweep(config, &axes, &sets, out, hooks)?;
+    for (p, status) in &report.runs {
+        let what = match status {
+            Status::Trained => "trained",
+            Status::Resumed => "resumed and finished",
+            Status::Skipped => "already done",
+            Status::Interrupted => "interrupted",
+            Status::Pending => "not started",
+        };
+        eprintln!("  {}: {what}", p.name);
+    }
+    let png = out.join("compare.png");
+    gristmill::compare::plot_runs(&png, &report.summaries)?;
+    print!("{}", gristmill::compare::format_table(&report.summaries));
+    eprintln!("loss curves in {}", png.display());
+    if report.interrupted {
+        eprintln!("interrupted: run the same command again to continue");
+    }
+    Ok(())
 }
 
 fn compare_cmd(runs: &[PathBuf], out: &Path, json: bool) -> Result<()> {

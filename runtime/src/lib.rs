@@ -32,6 +32,7 @@ pub mod model;
 pub mod safetensors;
 pub mod scores;
 pub mod selfcheck;
+pub mod sweep;
 pub mod textmetrics;
 pub mod tokenizer;
 pub mod train;

@@ -20,7 +20,7 @@
 
 mod common;
 
-use common::{fixtures, golden_batch, write_synth_data};
+use common::{fixtures, golden_batch, tiny_run_toml, write_synth_data};
 use gristmill::Device;
 use gristmill::adapter::{AdapterConfig, LoraSpec, TargetModules, attach_lora_tensors, init_lora};
 use gristmill::backend::cuda::CudaBackend;
@@ -288,16 +288,7 @@ fn ten_golden_qlora_steps_on_the_gpu() {
 
 fn run_config(data: &Path, out: &Path, device: &str, dtype: &str) -> TrainConfig {
     let text = format!(
-        r#"
-[model]
-path = "{model}"
-[data]
-paths = ["{data}"]
-max_seq_len = 96
-[lora]
-r = 4
-alpha = 8
-dropout = 0.1
+        r#"{head}dropout = 0.1
 [optim]
 lr = 3e-3
 warmup_steps = 2
@@ -312,8 +303,7 @@ compute_dtype = "{dtype}"
 [output]
 dir = "{out}"
 "#,
-        model = fixtures().join("tiny_llama").display(),
-        data = data.display(),
+        head = tiny_run_toml(data),
         out = out.display(),
     );
     TrainConfig::from_toml_str(&text).unwrap()

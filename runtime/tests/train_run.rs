@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixtures, write_synth_data};
+use common::{fixtures, tiny_run_toml, write_synth_data};
 use gristmill::model::{BasePrecision, LlamaModel};
 use gristmill::train::config::TrainConfig;
 use gristmill::train::metrics::{Record, read_metrics};
@@ -21,16 +21,7 @@ fn tmp(name: &str) -> PathBuf {
 
 fn config(data: &Path, out: &Path, extra: &str) -> TrainConfig {
     let text = format!(
-        r#"
-[model]
-path = "{model}"
-[data]
-paths = ["{data}"]
-max_seq_len = 96
-[lora]
-r = 4
-alpha = 8
-dropout = 0.1
+        r#"{head}dropout = 0.1
 [optim]
 lr = 3e-3
 warmup_steps = 2
@@ -45,8 +36,7 @@ seed = 11
 dir = "{out}"
 {extra}
 "#,
-        model = fixtures().join("tiny_llama").display(),
-        data = data.display(),
+        head = tiny_run_toml(data),
         out = out.display(),
     );
     TrainConfig::from_toml_str(&text).unwrap()

@@ -422,7 +422,7 @@ const ALIASES: &[(&str, &str)] = &[
 use crate::util::edit_distance;
 
 /// The valid key a user most likely meant by `unknown` (a dotted key or a bare name).
-fn suggest(unknown: &str) -> Option<&'static str> {
+pub(crate) fn suggest(unknown: &str) -> Option<&'static str> {
     let leaf = unknown.rsplit('.').next().unwrap_or(unknown);
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == leaf) {
         return Some(to);

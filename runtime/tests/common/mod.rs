@@ -26,6 +26,16 @@ pub fn write_synth_data(dir: &Path) -> PathBuf {
     path
 }
 
+/// The `[model]`, `[data]` and `[lora]` tables of a training run of the tiny fixture model on
+/// `data` (rank 4, alpha 8), for tests to complete with their own `[optim]`, `[train]`, `[output]`.
+pub fn tiny_run_toml(data: &Path) -> String {
+    format!(
+        "[model]\npath = \"{}\"\n[data]\npaths = [\"{}\"]\nmax_seq_len = 96\n[lora]\nr = 4\nalpha = 8\n",
+        fixtures().join("tiny_llama").display(),
+        data.display()
+    )
+}
+
 /// Micro-batch `a` of step `s` of the golden QLoRA run (tests/fixtures/peft_steps.safetensors),
 /// from HF's (input_ids, labels, attention_mask).
 pub fn golden_batch(g: &Checkpoint, s: usize, a: usize, accum: usize, b: usize, t: usize) -> Batch {
