@@ -32,6 +32,8 @@ pub mod elementwise;
 #[cfg(feature = "cuda")]
 pub mod gemm;
 #[cfg(feature = "cuda")]
+pub mod grit;
+#[cfg(feature = "cuda")]
 pub mod loss;
 #[cfg(feature = "cuda")]
 pub mod nf4;

@@ -35,6 +35,7 @@ pub const MODULES: &[PtxModule] = &[
     PtxModule { name: "optim", sm80: include_str!("../ptx/optim.ptx"), sm90a: None },
     PtxModule { name: "nf4", sm80: include_str!("../ptx/nf4.ptx"), sm90a: None },
     PtxModule { name: "convert", sm80: include_str!("../ptx/convert.ptx"), sm90a: None },
+    PtxModule { name: "grit", sm80: include_str!("../ptx/grit.ptx"), sm90a: None },
 ];
 
 /// The module called `name`.

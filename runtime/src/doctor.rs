@@ -10,7 +10,7 @@
 //! the other families still run.
 
 use gristmill_kernels::check::{BenchRow, Check, Work};
-use gristmill_kernels::{CudaSlice, Gpu, attention, convert, elementwise, gemm, loss, nf4, optim};
+use gristmill_kernels::{CudaSlice, Gpu, attention, convert, elementwise, gemm, grit, loss, nf4, optim};
 use serde::Serialize;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -35,6 +35,7 @@ pub const FAMILIES: &[Family] = &[
     Family { module: "optim", self_test: optim::self_test, bench: optim::bench },
     Family { module: "nf4", self_test: nf4::self_test, bench: nf4::bench },
     Family { module: "convert", self_test: convert::self_test, bench: convert::bench },
+    Family { module: "grit", self_test: grit::self_test, bench: grit::bench },
 ];
 
 /// Bytes of each buffer of the device-copy measurement (512 MiB: far beyond any cache).
