@@ -93,6 +93,32 @@ pub fn kfac_gram<T: Float>(
     su: &mut impl DevicePtrMut<f32>,
     sv: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    // Bounds the scratch size; every other check is kfac_gram_with_scratch's.
+    check_rank("kfac_gram", r)?;
+    let mut scratch = gpu.alloc::<f32>(kfac_gram_scratch_len(m, r))?;
+    kfac_gram_with_scratch(gpu, u, v, w, m, r, su, sv, &mut scratch)
+}
+
+/// f32 elements of the scratch [`kfac_gram_with_scratch`] needs for M rows at rank r.
+pub fn kfac_gram_scratch_len(m: usize, r: usize) -> usize {
+    gram_blocks(m) * 2 * r * r
+}
+
+/// [`kfac_gram`] with a caller-held scratch of at least [`kfac_gram_scratch_len`] f32 (it saves an
+/// allocation and a free per call: one call per module per micro-batch). One scratch may serve
+/// every call on the stream, one after another.
+#[allow(clippy::too_many_arguments)]
+pub fn kfac_gram_with_scratch<T: Float>(
+    gpu: &Gpu,
+    u: &impl DevicePtr<T>,
+    v: &impl DevicePtr<T>,
+    w: &impl DevicePtr<f32>,
+    m: usize,
+    r: usize,
+    su: &mut impl DevicePtrMut<f32>,
+    sv: &mut impl DevicePtrMut<f32>,
+    scratch: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
     const K: &str = "kfac_gram";
     check_rank(K, r)?;
     let mr = product(K, "u", &[m, r])?;
@@ -105,19 +131,19 @@ pub fn kfac_gram<T: Float>(
     if m == 0 {
         return Ok(());
     }
+    crate::error::check_min(K, "scratch", scratch.len(), kfac_gram_scratch_len(m, r))?;
     let (mi, ri) = (to_i32(K, "M", m)?, to_i32(K, "r", r)?);
     let blocks = gram_blocks(m);
     let total = 2 * r * r;
-    let mut partial = gpu.alloc::<f32>(blocks * total)?;
     let bi = to_i32(K, "blocks", blocks)?;
     let first = gpu.function("grit", T::pick("kfac_gram_f32", "kfac_gram_bf16"))?;
     let finish = gpu.function("grit", "kfac_gram_finish_f32")?;
-    let (pu, pv, pw, pp) = (ptr(gpu, u), ptr(gpu, v), ptr(gpu, w), ptr_mut(gpu, &mut partial));
+    let (pu, pv, pw, pp) = (ptr(gpu, u), ptr(gpu, v), ptr(gpu, w), ptr_mut(gpu, scratch));
     let mut b = gpu.stream().launch_builder(&first);
     b.arg(&pu).arg(&pv).arg(&pw).arg(&mi).arg(&ri).arg(&pp);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (gram_threads(r), 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the kernel reads M·r elements of u and v and M of w (all checked), and block c
-    // writes partial[c·2r² .. (c+1)·2r²), c < blocks; partial holds blocks·2r². The thread count
+    // writes partial[c·2r² .. (c+1)·2r²), c < blocks; the scratch holds at least blocks·2r² (checked). The thread count
     // times 8 covers 2r² for r ≤ 64.
     unsafe { b.launch(cfg) }?;
     let (psu, psv) = (ptr_mut(gpu, su), ptr_mut(gpu, sv));
@@ -126,8 +152,7 @@ pub fn kfac_gram<T: Float>(
     let cfg =
         LaunchConfig { grid_dim: (total.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: one thread per entry e < 2r² reads partial[c·2r² + e] for c < blocks (written by the
-    // launch before, same stream) and updates su or sv (r² each, checked). partial is freed after
-    // both launches in stream order.
+    // launch before, same stream) and updates su or sv (r² each, checked).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -738,22 +763,28 @@ pub fn gram_parity<T: Float>(gpu: &Gpu, m: usize, r: usize) -> Result<(f64, bool
     let sv0 = check::test_data(r * r, 44, 1e-6);
     let (du, dv, dw) = (gpu.upload(&u)?, gpu.upload(&v)?, gpu.upload(&w)?);
     let rr = r * r;
-    let run = |init: &[f32]| -> Result<Vec<f32>> {
+    // Both entry points: allocating, and with a held scratch larger than needed.
+    let mut scratch = gpu.alloc::<f32>(kfac_gram_scratch_len(m, r) + 5)?;
+    let mut run = |init: &[f32], held: bool| -> Result<Vec<f32>> {
         let mut stats = gpu.upload(init)?;
         {
             let (mut a, mut g) = stats.split_at_mut(rr);
-            kfac_gram(gpu, &du, &dv, &dw, m, r, &mut a, &mut g)?;
+            if held {
+                kfac_gram_with_scratch(gpu, &du, &dv, &dw, m, r, &mut a, &mut g, &mut scratch)?;
+            } else {
+                kfac_gram(gpu, &du, &dv, &dw, m, r, &mut a, &mut g)?;
+            }
         }
         gpu.download(&stats)
     };
-    let got = run(&[su0.clone(), sv0.clone()].concat())?;
+    let got = run(&[su0.clone(), sv0.clone()].concat(), false)?;
     let f = |x: &[T]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
     let (gu, gv) = (gram_ref(&f(&u), &w, r), gram_ref(&f(&v), &w, r));
     let want_u: Vec<f32> = gu.iter().zip(&su0).map(|(g, s)| (g + f64::from(*s)) as f32).collect();
     let want_v: Vec<f32> = gv.iter().zip(&sv0).map(|(g, s)| (g + f64::from(*s)) as f32).collect();
     let err = check::rel_err(&got[..rr], &want_u).max(check::rel_err(&got[rr..], &want_v));
     let zeros = vec![0f32; 2 * rr];
-    let (z1, z2) = (run(&zeros)?, run(&zeros)?);
+    let (z1, z2) = (run(&zeros, false)?, run(&zeros, true)?);
     let same = z1.iter().zip(&z2).all(|(a, b)| a.to_bits() == b.to_bits());
     let sym = (0..2)
         .all(|h| (0..r).all(|i| (0..r).all(|j| z1[h * rr + i * r + j].to_bits() == z1[h * rr + j * r + i].to_bits())));
@@ -795,7 +826,9 @@ pub fn damped_inverse_ref(
 /// well-conditioned PSD pair, pairs that need ×10 and ×30 on the ladder, a zero factor, a factor
 /// no rung can fix, a NaN factor and a skipped slot.
 pub fn damping_cases(s: usize, r: usize, lambda: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let lam = f64::from(lambda);
+    // Negative eigenvalues scale with λ; at least 1e-3 so that a tiny or zero λ (raised to the
+    // 1e-6 floor) meets factors the ladder cannot fix rather than singular ones.
+    let lam = f64::from(lambda).max(1e-3);
     let spread = |top: f64, bottom: f64| -> Vec<f64> {
         (0..r).map(|i| if r == 1 { top } else { top * (bottom / top).powf(i as f64 / (r - 1) as f64) }).collect()
     };
@@ -1219,12 +1252,14 @@ pub fn bench(gpu: &Gpu) -> Result<Vec<BenchRow>> {
             let (mut a, mut g) = st.split_at_mut(r * r);
             kfac_gram(gpu, &u, &v, &w, m, r, &mut a, &mut g)
         })?;
-        rows.push(BenchRow {
-            kernel: "kfac_gram_bf16",
-            shape: format!("M={m} r={r}"),
-            seconds: t,
-            work: Work::Bytes((2 * m * r * 2 + m * 4) as f64),
-        });
+        let work = Work::Bytes((2 * m * r * 2 + m * 4) as f64);
+        rows.push(BenchRow { kernel: "kfac_gram_bf16", shape: format!("M={m} r={r}"), seconds: t, work });
+        let mut scratch = gpu.alloc::<f32>(kfac_gram_scratch_len(m, r))?;
+        let t = check::time_median(gpu, 5, 20, || {
+            let (mut a, mut g) = st.split_at_mut(r * r);
+            kfac_gram_with_scratch(gpu, &u, &v, &w, m, r, &mut a, &mut g, &mut scratch)
+        })?;
+        rows.push(BenchRow { kernel: "kfac_gram_bf16", shape: format!("M={m} r={r}, held scratch"), seconds: t, work });
     }
     let s = 112usize;
     let (sa, sg, _) = damping_cases(s, r, 1e-3);
