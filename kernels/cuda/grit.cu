@@ -236,6 +236,9 @@ __device__ __forceinline__ void rank_apply_body(const int4* __restrict__ tasks, 
                                                 const float* __restrict__ r1, const float* __restrict__ r2,
                                                 float c1, float c2, float c3, float alpha, float beta) {
     __shared__ float mat[RM * RM];
+    // The output loop is unrolled at r ≤ 16 only: fully unrolled at 64 it would be 4096 guarded
+    // fused multiply-adds per path, megabytes of PTX for the driver to compile.
+    constexpr int OUTER_UNROLL = RM <= 16 ? RM : 1;
     const int4 task = tasks[blockIdx.x];
     const int slot = task.x;
     const bool side_a = task.y == 0;
@@ -250,16 +253,14 @@ __device__ __forceinline__ void rank_apply_body(const int4* __restrict__ tasks, 
 #pragma unroll
         for (int l = 0; l < RM; ++l)
             if (l < r) xv[l] = x[base + static_cast<long long>(l) * kd];
+#pragma unroll OUTER_UNROLL
+        for (int i = 0; i < r; ++i) {
+            float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < RM; ++i) {
-            if (i < r) {
-                float acc = 0.f;
-#pragma unroll
-                for (int l = 0; l < RM; ++l)
-                    if (l < r) acc = __fmaf_rn(mat[i * r + l], xv[l], acc);
-                const long long o = base + static_cast<long long>(i) * kd;
-                y[o] = beta == 0.f ? acc : __fmaf_rn(beta, y[o], acc);
-            }
+            for (int l = 0; l < RM; ++l)
+                if (l < r) acc = __fmaf_rn(mat[i * r + l], xv[l], acc);
+            const long long o = base + static_cast<long long>(i) * kd;
+            y[o] = beta == 0.f ? acc : __fmaf_rn(beta, y[o], acc);
         }
     } else {
         const int nd = n_dim[slot];
@@ -271,9 +272,9 @@ __device__ __forceinline__ void rank_apply_body(const int4* __restrict__ tasks, 
         // where 16-byte stores are possible.
         float* yp = y + base;
         if ((r & 3) == 0 && (reinterpret_cast<uintptr_t>(yp) & 15) == 0) {
-#pragma unroll
-            for (int j = 0; j < RM; j += 4) {
-                if (j < r) {
+#pragma unroll OUTER_UNROLL
+            for (int j = 0; j < r; j += 4) {
+                {
                     float o[4];
 #pragma unroll
                     for (int d = 0; d < 4; ++d) {
@@ -294,9 +295,9 @@ __device__ __forceinline__ void rank_apply_body(const int4* __restrict__ tasks, 
                 }
             }
         } else {
-#pragma unroll
-            for (int j = 0; j < RM; ++j) {
-                if (j < r) {
+#pragma unroll OUTER_UNROLL
+            for (int j = 0; j < r; ++j) {
+                {
                     float acc = 0.f;
 #pragma unroll
                     for (int l = 0; l < RM; ++l)
@@ -319,6 +320,7 @@ __device__ __forceinline__ void rank_quadratic_body(const int4* __restrict__ tas
     __shared__ float sig[RM * RM];
     __shared__ float proj[RM * RM];
     __shared__ float scratch[32];
+    constexpr int OUTER_UNROLL = RM <= 16 ? RM : 1;
     const int4 task = tasks[blockIdx.x];
     const int slot = task.x;
     const bool side_a = task.y == 0;
@@ -332,42 +334,49 @@ __device__ __forceinline__ void rank_quadratic_body(const int4* __restrict__ tas
     __syncthreads();
     float xv[RM];
     bool active;
+    const float* xp = x;  // the thread's column of A (stride K) or row of B (stride 1)
+    long long xs = 1;
     if (side_a) {
         const int kd = k_dim[slot];
         const int j = task.z + threadIdx.x;
         active = j < kd;
         if (active) {
-            const long long base = a_off[slot] + j;
+            xp = x + a_off[slot] + j;
+            xs = kd;
 #pragma unroll
             for (int l = 0; l < RM; ++l)
-                if (l < r) xv[l] = x[base + static_cast<long long>(l) * kd];
+                if (l < r) xv[l] = xp[static_cast<long long>(l) * kd];
         }
     } else {
         const int nd = n_dim[slot];
         const int n = task.z + threadIdx.x;
         active = n < nd;
-        if (active) load_row<RM>(x + b_off[slot] + static_cast<long long>(n) * r, r, xv);
+        if (active) {
+            xp = x + b_off[slot] + static_cast<long long>(n) * r;
+            load_row<RM>(xp, r, xv);
+        }
     }
     float quad = 0.f, resid = 0.f;
     if (active) {
         // Σ and P are symmetric in use, but A multiplies from the left and B from the right: index
         // them as the products are written.
+#pragma unroll OUTER_UNROLL
+        for (int i = 0; i < r; ++i) {
+            float sx = 0.f, px = 0.f;
 #pragma unroll
-        for (int i = 0; i < RM; ++i) {
-            if (i < r) {
-                float sx = 0.f, px = 0.f;
-#pragma unroll
-                for (int l = 0; l < RM; ++l) {
-                    if (l < r) {
-                        const int idx = side_a ? i * r + l : l * r + i;
-                        sx = __fmaf_rn(sig[idx], xv[l], sx);
-                        px = __fmaf_rn(proj[idx], xv[l], px);
-                    }
+            for (int l = 0; l < RM; ++l) {
+                if (l < r) {
+                    const int idx = side_a ? i * r + l : l * r + i;
+                    sx = __fmaf_rn(sig[idx], xv[l], sx);
+                    px = __fmaf_rn(proj[idx], xv[l], px);
                 }
-                quad = __fmaf_rn(xv[i], sx, quad);
-                const float d = __fsub_rn(xv[i], px);
-                resid = __fmaf_rn(d, d, resid);
             }
+            // x_i again from memory (an L1 hit): a register array indexed by a loop counter that
+            // is not unrolled would go to local memory.
+            const float xi = xp[static_cast<long long>(i) * xs];
+            quad = __fmaf_rn(xi, sx, quad);
+            const float d = __fsub_rn(xi, px);
+            resid = __fmaf_rn(d, d, resid);
         }
     }
     quad = block_sum(quad, scratch);
