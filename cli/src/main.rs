@@ -238,7 +238,7 @@ struct TrainArgs {
     warmup: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
-    /// adamw (grit comes with its issue).
+    /// adamw or grit (GRIT's fields go in the config's [grit] table, or --set grit.KEY=VALUE).
     #[arg(long)]
     optimizer: Option<String>,
     /// nf4 (QLoRA), bf16 or f32.

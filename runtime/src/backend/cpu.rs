@@ -222,6 +222,12 @@ impl Backend for CpuBackend<'_> {
             let s = l.scale;
             // v = dy B: (M, r)
             let v = cpu::matmul_nn(dy, &l.b, m, lin.n, l.r)?;
+            if let Some(kc) = &mut grads.kfac
+                && let (Some(uu), Some(vv)) = (kc.uu.get_mut(i), kc.vv.get_mut(i))
+            {
+                crate::train::grit::gram_accumulate(&saved.u, &kc.weights, l.r, uu);
+                crate::train::grit::gram_accumulate(&v, &kc.weights, l.r, vv);
+            }
             // dB += s · dyᵀ u: (N, r)
             let db_step = cpu::matmul_tn(dy, &saved.u, lin.n, m, l.r)?;
             db.iter_mut().zip(&db_step).for_each(|(g, d)| *g += s * d);

@@ -7,6 +7,7 @@
 //! [optim]   optimizer, lr, weight_decay, beta1, beta2, eps, max_grad_norm, scheduler, warmup_…
 //! [train]   epochs, max_steps, batch_size, grad_accum, seed, eval_every, save_every, …
 //! [output]  dir, resume
+//! [grit]    the GRIT optimizer's fields (docs/grit.md §7), read when optim.optimizer = "grit"
 //! ```
 //!
 //! Every key is addressed by its dotted name everywhere: in the file (`[lora]` then `r = 8`), in
@@ -20,8 +21,9 @@
 //! source it came from; serde only converts the result, and [`TrainConfig::validate`] checks
 //! ranges and relations between fields.
 //!
-//! A `[grit]` table is reserved for the GRIT optimizer's fields (docs/grit.md §7) and refused until
-//! GRIT exists.
+//! The `[grit]` table carries the GRIT optimizer's fields under the names of its reference
+//! implementation (`kfac_update_freq`, `reprojection_k`, …), so a recipe written for it reads the
+//! same here; its adapter shape is `[lora]`'s (`lora.r`, `lora.alpha`), as for AdamW.
 
 use crate::data::{Format, Template, parse_buckets};
 use crate::error::{Error, Result};
@@ -50,7 +52,8 @@ pub enum OptimizerKind {
     /// AdamW with decoupled weight decay.
     #[serde(rename = "adamw")]
     AdamW,
-    /// GRIT (docs/grit.md). Parsed so configs can name it; the trainer refuses it until it lands.
+    /// GRIT (docs/grit.md): K-FAC preconditioning in the adapters' rank space, Fisher-guided
+    /// reprojection and rank adaptation, on top of AdamW; configured by `[grit]`.
     Grit,
 }
 
@@ -206,6 +209,102 @@ pub struct OutputSection {
     pub resume: Option<String>,
 }
 
+/// How GRIT's preconditioner pairs the factors with the gradients (docs/grit.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GritPairing {
+    /// The reference's: ∇A ← (Σa + λI)⁻¹ ∇A and ∇B ← ∇B (Σg + λI)⁻¹.
+    Grit,
+    /// Textbook per-matrix K-FAC: A with Σg, B with Σa.
+    Kfac,
+}
+
+/// `[grit]`: the GRIT optimizer (docs/grit.md). Defaults are the reference implementation's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GritSection {
+    /// Recompute the damped inverses every this many optimizer steps.
+    pub kfac_update_freq: usize,
+    /// The damping λ added to both factors before inversion.
+    pub kfac_damping: f64,
+    /// Token rows a module's factors need before they are inverted or projected.
+    pub kfac_min_samples: usize,
+    /// Sample the factors on every this many backward passes (micro-batches).
+    pub grit_cov_update_freq: usize,
+    /// Reproject the adapters every this many optimizer steps.
+    pub reprojection_freq: usize,
+    /// Directions kept by the reprojection when rank adaptation is off.
+    pub reprojection_k: usize,
+    /// Project B on Σg's eigenvectors (else on Σa's).
+    pub use_two_sided_reprojection: bool,
+    /// Log the top eigenvalues of every module's factors at each reprojection.
+    pub log_fisher_spectrum: bool,
+    /// How many eigenvalues `log_fisher_spectrum` logs per module.
+    pub log_top_eigs: usize,
+    /// Draw the eigenvalue heat-map (modules × eigen-index) at each reprojection.
+    pub log_eig_heatmaps: bool,
+    /// Weight of the curvature regularizer tr(AᵀΣaA) + tr(BΣgBᵀ).
+    pub lambda_kfac: f64,
+    /// Weight of the reprojection regularizer ‖(I − Pa)A‖² + ‖B(I − Pg)‖².
+    pub lambda_reproj: f64,
+    /// Steps over which the regularizers ramp up linearly (0: full weight from the start).
+    pub regularizer_warmup_steps: usize,
+    /// No reprojection before this step.
+    pub reprojection_warmup_steps: usize,
+    /// No natural-gradient preconditioning before this step.
+    pub ng_warmup_steps: usize,
+    /// Rank adaptation starts at this step.
+    pub rank_adaptation_start_step: usize,
+    /// Choose each module's k by the energy threshold instead of `reprojection_k`.
+    pub enable_rank_adaptation: bool,
+    /// Fraction of Σa's trace the kept directions must hold.
+    pub rank_adaptation_threshold: f64,
+    /// The smallest k rank adaptation may choose.
+    pub min_lora_rank: usize,
+    /// 0: the factors are the equal-weight mean of every sample (the reference); in (0, 1): an
+    /// exponential moving average with this decay.
+    pub factor_decay: f64,
+    /// Which factor preconditions which gradient.
+    pub pairing: GritPairing,
+    /// Replace λ by clip(0.001 + std(last 20 losses), 1e-6, 1e-2) once 10 losses exist.
+    pub adaptive_damping: bool,
+    /// Stretch (×1.5) or shrink (×0.75) both frequencies by the recent loss trend.
+    pub adaptive_frequency: bool,
+    /// Project AdamW's moments along with the adapters at each reprojection.
+    pub project_optimizer_state: bool,
+}
+
+impl Default for GritSection {
+    fn default() -> Self {
+        GritSection {
+            kfac_update_freq: 50,
+            kfac_damping: 1e-3,
+            kfac_min_samples: 64,
+            grit_cov_update_freq: 15,
+            reprojection_freq: 50,
+            reprojection_k: 8,
+            use_two_sided_reprojection: true,
+            log_fisher_spectrum: true,
+            log_top_eigs: 8,
+            log_eig_heatmaps: true,
+            lambda_kfac: 1e-5,
+            lambda_reproj: 1e-4,
+            regularizer_warmup_steps: 0,
+            reprojection_warmup_steps: 0,
+            ng_warmup_steps: 0,
+            rank_adaptation_start_step: 0,
+            enable_rank_adaptation: true,
+            rank_adaptation_threshold: 0.99,
+            min_lora_rank: 4,
+            factor_decay: 0.0,
+            pairing: GritPairing::Grit,
+            adaptive_damping: false,
+            adaptive_frequency: false,
+            project_optimizer_state: false,
+        }
+    }
+}
+
 /// Everything a training run is configured by. Load it with [`TrainConfig::load`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +324,9 @@ pub struct TrainConfig {
     pub train: TrainSection,
     /// `[output]`
     pub output: OutputSection,
+    /// `[grit]`
+    #[serde(default)]
+    pub grit: GritSection,
 }
 
 fn default_base_precision() -> BasePrecision {
@@ -329,7 +431,7 @@ const fn required(name: &'static str, kind: Kind, doc: &'static str) -> KeySpec 
     KeySpec { name, kind, required: true, doc }
 }
 
-const SECTIONS: [&str; 6] = ["model", "data", "lora", "optim", "train", "output"];
+const SECTIONS: [&str; 7] = ["model", "data", "lora", "optim", "train", "output", "grit"];
 
 const KEYS: &[KeySpec] = &[
     required(
@@ -379,6 +481,30 @@ const KEYS: &[KeySpec] = &[
     key("train.compute_dtype", Kind::Choice(&["bf16", "f32"]), "activations on a GPU (bf16)"),
     required("output.dir", Kind::Path, "the run directory"),
     key("output.resume", Kind::Str, "resume from a checkpoint directory, or `latest`"),
+    key("grit.kfac_update_freq", Kind::Int, "invert the K-FAC factors every N steps (50)"),
+    key("grit.kfac_damping", Kind::Float, "damping added before inversion (1e-3)"),
+    key("grit.kfac_min_samples", Kind::Int, "token rows needed before a module's factors are used (64)"),
+    key("grit.grit_cov_update_freq", Kind::Int, "sample the factors every N backward passes (15)"),
+    key("grit.reprojection_freq", Kind::Int, "reproject the adapters every N steps (50)"),
+    key("grit.reprojection_k", Kind::Int, "directions kept without rank adaptation (8)"),
+    key("grit.use_two_sided_reprojection", Kind::Bool, "project B on the output-side factor (true)"),
+    key("grit.log_fisher_spectrum", Kind::Bool, "log the factors' top eigenvalues (true)"),
+    key("grit.log_top_eigs", Kind::Int, "eigenvalues logged per module (8)"),
+    key("grit.log_eig_heatmaps", Kind::Bool, "draw the eigenvalue heat-map PNG (true)"),
+    key("grit.lambda_kfac", Kind::Float, "curvature regularizer weight (1e-5)"),
+    key("grit.lambda_reproj", Kind::Float, "reprojection regularizer weight (1e-4)"),
+    key("grit.regularizer_warmup_steps", Kind::Int, "linear ramp of the regularizers (0)"),
+    key("grit.reprojection_warmup_steps", Kind::Int, "no reprojection before this step (0)"),
+    key("grit.ng_warmup_steps", Kind::Int, "no preconditioning before this step (0)"),
+    key("grit.rank_adaptation_start_step", Kind::Int, "rank adaptation starts at this step (0)"),
+    key("grit.enable_rank_adaptation", Kind::Bool, "choose k by the energy threshold (true)"),
+    key("grit.rank_adaptation_threshold", Kind::Float, "energy the kept directions hold (0.99)"),
+    key("grit.min_lora_rank", Kind::Int, "smallest k rank adaptation may choose (4)"),
+    key("grit.factor_decay", Kind::Float, "0: cumulative mean of the factors; else EMA decay (0)"),
+    key("grit.pairing", Kind::Choice(&["grit", "kfac"]), "which factor preconditions which gradient (grit)"),
+    key("grit.adaptive_damping", Kind::Bool, "damping from the recent loss spread (false)"),
+    key("grit.adaptive_frequency", Kind::Bool, "frequencies from the recent loss trend (false)"),
+    key("grit.project_optimizer_state", Kind::Bool, "project AdamW moments at reprojection (false)"),
 ];
 
 /// Every configuration key with a one-line description (default in parentheses), in file order.
@@ -468,9 +594,6 @@ fn unknown_key_msg(key: &str, origin: &str) -> String {
 }
 
 fn unknown_section_msg(section: &str, origin: &str) -> String {
-    if section == "grit" {
-        return format!("`[grit]` {origin}: GRIT is not implemented yet; remove the table");
-    }
     // `[optimizer]`, `[training]`, `[out]`: a table name that extends or shortens ours.
     let close = SECTIONS
         .iter()
@@ -822,6 +945,30 @@ impl TrainConfig {
             "`train.early_stopping_patience` must be ≥ 1 (leave it unset to never stop early)".into(),
         );
 
+        let g = &self.grit;
+        for (name, v) in [
+            ("kfac_update_freq", g.kfac_update_freq),
+            ("grit_cov_update_freq", g.grit_cov_update_freq),
+            ("reprojection_freq", g.reprojection_freq),
+            ("reprojection_k", g.reprojection_k),
+            ("min_lora_rank", g.min_lora_rank),
+        ] {
+            check(v >= 1, format!("`grit.{name}` must be ≥ 1, found {v}"));
+        }
+        for (name, v) in
+            [("kfac_damping", g.kfac_damping), ("lambda_kfac", g.lambda_kfac), ("lambda_reproj", g.lambda_reproj)]
+        {
+            check(v.is_finite() && v >= 0.0, format!("`grit.{name}` must be ≥ 0, found {v}"));
+        }
+        check(
+            g.rank_adaptation_threshold > 0.0 && g.rank_adaptation_threshold <= 1.0,
+            format!("`grit.rank_adaptation_threshold` must be in (0, 1], found {}", g.rank_adaptation_threshold),
+        );
+        check(
+            (0.0..1.0).contains(&g.factor_decay),
+            format!("`grit.factor_decay` must be in [0, 1) (0: cumulative mean), found {}", g.factor_decay),
+        );
+
         check(!self.output.dir.as_os_str().is_empty(), "`output.dir` is empty".into());
         check(
             self.output.resume.as_deref().is_none_or(|r| !r.trim().is_empty()),
@@ -1025,7 +1172,7 @@ mod tests {
         let c = with(&["lora.target_modules=q_proj,k_proj", "data.split=0.7,0.2,0.1", "optim.optimizer=grit"]).unwrap();
         assert_eq!(c.lora.target_modules, vec!["q_proj", "k_proj"]);
         assert_eq!(c.data.split, vec![0.7, 0.2, 0.1]);
-        assert_eq!(c.optim.optimizer, OptimizerKind::Grit, "grit parses; the trainer refuses it");
+        assert_eq!(c.optim.optimizer, OptimizerKind::Grit);
         // An empty value unsets an optional key.
         let c = with(&["train.max_steps=100", "train.max_steps=", "data.format=chat", "data.format="]).unwrap();
         assert_eq!(c.train.max_steps, None);
@@ -1056,8 +1203,15 @@ mod tests {
         assert!(e.contains("unknown table `[optimizer]`") && e.contains("`[optim]`"), "{e}");
         let e = err(load_str(&format!("lr = 1e-4\n{MIN}"), &[]));
         assert!(e.contains("unknown key `lr`") && e.contains("`optim.lr`"), "{e}");
-        let e = err(load_str(&format!("{MIN}[grit]\nkfac_damping = 1e-3\n"), &[]));
-        assert!(e.contains("GRIT is not implemented yet"), "{e}");
+        // GRIT's fields, as its reference names them, are read from [grit]; typos get a suggestion.
+        let c = load_str(&format!("{MIN}[grit]\nkfac_damping = 1e-5\nreprojection_k = 4\npairing = \"kfac\"\n"), &[])
+            .unwrap();
+        assert_eq!((c.grit.kfac_damping, c.grit.reprojection_k, c.grit.pairing), (1e-5, 4, GritPairing::Kfac));
+        assert_eq!(c.grit.kfac_update_freq, 50, "the reference's defaults fill the rest");
+        let e = err(load_str(&format!("{MIN}[grit]\nkfac_dampening = 1e-3\n"), &[]));
+        assert!(e.contains("`grit.kfac_damping`"), "{e}");
+        let e = err(load_str(&format!("{MIN}[grit]\nfactor_decay = 1.5\nreprojection_freq = 0\n"), &[]));
+        assert!(e.contains("`grit.factor_decay`") && e.contains("`grit.reprojection_freq`"), "{e}");
         // Several problems are reported together.
         let e = err(load_str(&format!("{MIN}[lora]\nrank = 8\nalfa = 3\n"), &[]));
         assert!(e.contains("`lora.r`") && e.contains("`lora.alpha`"), "{e}");

@@ -3,8 +3,9 @@
 //! optimizer (`LlamaModel`, `AdamW`) stay the source of truth for checkpoints: the GPU engine
 //! copies its state into them before anything is written ([`Engine::sync_to_host`]).
 
-use super::optim::AdamW;
-use super::step::{Dropout, LoraGrads, MicroStats, eval_loss, micro_step};
+use super::grit::{GritState, GritStepLog};
+use super::optim::{AdamW, lora_params, lora_params_mut};
+use super::step::{Dropout, KfacCapture, LoraGrads, MicroStats, eval_loss, micro_step, target_weights};
 use crate::data::Batch;
 use crate::device::Device;
 use crate::error::Result;
@@ -195,6 +196,92 @@ impl Engine {
             Engine::Cuda(g) => g.optimizer_step(opt, lr, max_grad_norm),
             #[cfg(feature = "cuda")]
             Engine::CudaBf16(g) => g.optimizer_step(opt, lr, max_grad_norm),
+        }
+    }
+
+    /// [`Engine::micro_step`] for a GRIT run: when GRIT samples this backward pass, the masked
+    /// Gram matrices of every adapter's bottleneck activations are gathered and folded into its
+    /// factors.
+    pub fn micro_step_grit(
+        &mut self,
+        model: &LlamaModel,
+        batch: &Batch,
+        grad_scale: f32,
+        drop: Option<Dropout>,
+        grit: &mut GritState,
+    ) -> Result<MicroStats> {
+        if !grit.sample_now() {
+            return self.micro_step(model, batch, grad_scale, drop);
+        }
+        match self {
+            Engine::Cpu { grads } => {
+                let kc = KfacCapture::new(target_weights(batch), grit.modules.len(), grit.r);
+                let rows = kc.rows();
+                grads.kfac = Some(kc);
+                let out = micro_step(model, batch, grad_scale, drop, grads);
+                let kc = grads.kfac.take();
+                let stats = out?;
+                if let Some(kc) = kc {
+                    for (i, (uu, vv)) in kc.uu.iter().zip(&kc.vv).enumerate() {
+                        grit.fold(i, uu, vv, rows);
+                    }
+                }
+                Ok(stats)
+            }
+            #[cfg(feature = "cuda")]
+            _ => Err(crate::error::Error::Unsupported(
+                "GRIT on a GPU is not available in this build; train it with --device cpu".into(),
+            )),
+        }
+    }
+
+    /// A GRIT optimizer step (docs/grit.md): the regularizers' gradients, clipping to
+    /// `max_grad_norm`, the inversion when due and the preconditioning, AdamW with learning rate
+    /// `lr`, then the reprojection when due. `step` is the step being taken (1-based), `loss` its
+    /// training loss. Returns the gradient norm before clipping and what GRIT did.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grit_optimizer_step(
+        &mut self,
+        model: &mut LlamaModel,
+        opt: &mut AdamW,
+        lr: f32,
+        max_grad_norm: f32,
+        grit: &mut GritState,
+        step: usize,
+        loss: f64,
+    ) -> Result<(f32, GritStepLog)> {
+        let mut log = GritStepLog { damping: grit.damping, ..Default::default() };
+        match self {
+            Engine::Cpu { grads } => {
+                let mut bufs = grads.buffers_mut();
+                log.reg_loss = grit.add_regularizer_grads(step, &lora_params(model), &mut bufs)?;
+                let norm = if max_grad_norm > 0.0 {
+                    clip_grad_norm_ref(&mut bufs, max_grad_norm)?
+                } else {
+                    bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt()
+                };
+                let (inverted, ratio) = grit.precondition(step, &mut bufs)?;
+                let g: Vec<&[f32]> =
+                    grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
+                opt.update(model, &g, lr)?;
+                if grit.reproject_due(step) {
+                    let mut params = lora_params_mut(model);
+                    let project = grit.cfg.project_optimizer_state;
+                    let mut m: Vec<&mut [f32]> = opt.m.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    let mut v: Vec<&mut [f32]> = opt.v.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    let moments = project.then_some((m.as_mut_slice(), v.as_mut_slice()));
+                    log.reprojected = Some(grit.reproject(step, &mut params, moments)?);
+                }
+                grit.end_step(loss, inverted.is_some());
+                log.ng_ratio = ratio;
+                log.inverted = inverted;
+                log.ready_modules = grit.ready_count();
+                Ok((norm, log))
+            }
+            #[cfg(feature = "cuda")]
+            _ => Err(crate::error::Error::Unsupported(
+                "GRIT on a GPU is not available in this build; train it with --device cpu".into(),
+            )),
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod grit;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -657,6 +657,79 @@ pub(crate) fn decode_png(b: &[u8]) -> (usize, usize, Vec<[u8; 3]>) {
     (w, h, px)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Heat maps.
+
+/// A color ramp from dark blue (0) through teal and green to yellow (1), sampled at 64 levels so
+/// the PNG keeps a palette.
+fn ramp_color(t: f64) -> [u8; 3] {
+    const STOPS: [[f64; 3]; 5] =
+        [[68.0, 1.0, 84.0], [59.0, 82.0, 139.0], [33.0, 145.0, 140.0], [94.0, 201.0, 98.0], [253.0, 231.0, 37.0]];
+    let t = ((t.clamp(0.0, 1.0) * 63.0).round() / 63.0) * (STOPS.len() - 1) as f64;
+    let i = (t.floor() as usize).min(STOPS.len() - 2);
+    let f = t - i as f64;
+    let mut c = [0u8; 3];
+    for (k, ch) in c.iter_mut().enumerate() {
+        *ch = (STOPS[i][k] + (STOPS[i + 1][k] - STOPS[i][k]) * f).round() as u8;
+    }
+    c
+}
+
+/// Draws `rows` (one row per entity, one column per index; ragged rows are padded with blanks) as
+/// a heat map of log10 of the values, with a color bar, into a PNG at `path`. Values ≤ 0 or not
+/// finite are drawn in light grey. `y_label` names the rows (e.g. "module"), `x_label` the columns.
+pub fn plot_heatmap(path: &Path, title: &str, x_label: &str, y_label: &str, rows: &[Vec<f32>]) -> Result<()> {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let n = rows.len().max(1);
+    let logs: Vec<f64> =
+        rows.iter().flatten().filter(|v| v.is_finite() && **v > 0.0).map(|&v| f64::from(v).log10()).collect();
+    let lo = logs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if lo.is_finite() { (lo, if hi > lo { hi } else { lo + 1.0 }) } else { (0.0, 1.0) };
+    let (left, top, right, bottom) = (70i64, 40i64, 110i64, 50i64);
+    let cell_w = ((WIDTH as i64 - left - right) / cols as i64).max(1);
+    let cell_h = ((HEIGHT as i64 - top - bottom) / n as i64).max(1);
+    let (pw, ph) = (cell_w * cols as i64, cell_h * n as i64);
+    let mut c = Canvas::new(WIDTH, HEIGHT);
+    c.text((WIDTH as i64 - text_width(title, 2)) / 2, 10, title, 2, TEXT);
+    for (ri, row) in rows.iter().enumerate() {
+        for ci in 0..cols {
+            let color = match row.get(ci) {
+                Some(&v) if v.is_finite() && v > 0.0 => ramp_color((f64::from(v).log10() - lo) / (hi - lo)),
+                Some(_) => [200, 200, 200],
+                None => WHITE,
+            };
+            let (x0, y0) = (left + ci as i64 * cell_w, top + ri as i64 * cell_h);
+            c.fill(x0, y0, x0 + cell_w - 1, y0 + cell_h - 1, color);
+        }
+    }
+    c.hline(left - 1, left + pw, top - 1, FRAME);
+    c.hline(left - 1, left + pw, top + ph, FRAME);
+    c.vline(left - 1, top - 1, top + ph, FRAME);
+    c.vline(left + pw, top - 1, top + ph, FRAME);
+    // Column ticks: first, middle and last index; row ticks: first and last.
+    for ci in [0, cols / 2, cols - 1] {
+        let s = ci.to_string();
+        c.text(left + ci as i64 * cell_w + (cell_w - text_width(&s, 1)) / 2, top + ph + 4, &s, 1, TEXT);
+    }
+    for ri in [0, n - 1] {
+        let s = ri.to_string();
+        c.text(left - 6 - text_width(&s, 1), top + ri as i64 * cell_h + (cell_h - 7) / 2, &s, 1, TEXT);
+    }
+    c.text(left + (pw - text_width(x_label, 1)) / 2, top + ph + 18, x_label, 1, TEXT);
+    c.text(4, top + ph / 2, y_label, 1, TEXT);
+    // Color bar with its log10 range.
+    let bx = left + pw + 20;
+    for y in 0..ph {
+        let t = 1.0 - y as f64 / (ph - 1).max(1) as f64;
+        c.hline(bx, bx + 14, top + y, ramp_color(t));
+    }
+    c.text(bx + 18, top, &format!("1e{hi:.1}"), 1, TEXT);
+    c.text(bx + 18, top + ph - 7, &format!("1e{lo:.1}"), 1, TEXT);
+    c.text(bx, top + ph + 4, "log10", 1, TEXT);
+    crate::util::write_atomic(path, &encode_png(&c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,5 +888,22 @@ mod tests {
         let (w, h, px) = decode_png(&encode_png(&c));
         assert_eq!((w, h), (20, 20));
         assert_eq!(px, c.px);
+    }
+
+    #[test]
+    fn heatmap_writes_a_png_with_the_ramp_colors() {
+        let dir = std::env::temp_dir().join(format!("gristmill-heat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.png");
+        let rows = vec![vec![1e-3f32, 1e-1, 10.0], vec![1.0, 0.0], vec![f32::NAN, 5.0, 2.0]];
+        plot_heatmap(&path, "eigs", "index", "module", &rows).unwrap();
+        let (w, h, px) = decode_png(&std::fs::read(&path).unwrap());
+        assert_eq!((w, h), (WIDTH, HEIGHT));
+        // The smallest value gets the ramp's first color, the largest its last; non-positive and
+        // non-finite values are grey.
+        for c in [ramp_color(0.0), ramp_color(1.0), [200, 200, 200]] {
+            assert!(px.contains(&c), "{c:?} missing");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,6 +14,40 @@ pub struct LoraGrads {
     pub da: Vec<Vec<f32>>,
     /// db[i]: (N, r) of slot i
     pub db: Vec<Vec<f32>>,
+    /// GRIT's statistics of this micro-batch, gathered by the backward when set.
+    pub kfac: Option<KfacCapture>,
+}
+
+/// Masked Gram matrices of the adapters' bottleneck activations, gathered by one micro-batch's
+/// backward for GRIT: per slot Σ_t w_t u_t u_tᵀ and Σ_t w_t v_t v_tᵀ (u = x Aᵀ, v = dy B).
+#[derive(Debug, Clone, Default)]
+pub struct KfacCapture {
+    /// w: (M) 1 for token rows that count (a loss target), 0 for padding and prompt rows.
+    pub weights: Vec<f32>,
+    /// uu[i], vv[i]: (r, r) of slot i.
+    pub uu: Vec<Vec<f32>>,
+    pub vv: Vec<Vec<f32>>,
+}
+
+impl KfacCapture {
+    /// Zero sums for `slots` modules of rank `r`, with the row weights of a batch.
+    pub fn new(weights: Vec<f32>, slots: usize, r: usize) -> Self {
+        KfacCapture { weights, uu: vec![vec![0.0; r * r]; slots], vv: vec![vec![0.0; r * r]; slots] }
+    }
+
+    /// Rows that count.
+    pub fn rows(&self) -> f64 {
+        self.weights.iter().map(|&w| f64::from(w)).sum()
+    }
+}
+
+/// GRIT's row weights of a batch: 1 where the position has a loss target.
+pub fn target_weights(batch: &Batch) -> Vec<f32> {
+    batch
+        .targets
+        .iter()
+        .map(|&t| if t == gristmill_core::ops::cross_entropy::IGNORE_INDEX { 0.0 } else { 1.0 })
+        .collect()
 }
 
 impl LoraGrads {

@@ -9,9 +9,10 @@
 use super::checkpoint::{CheckpointManager, resolve_resume};
 use super::config::{BasePrecision as CfgPrecision, OptimizerKind, TrainConfig};
 use super::engine::{ComputeDtype, Engine};
+use super::grit::{GritModule, GritState, GritStepLog};
 use super::metrics::{MetricsWriter, Record, TrainerState};
 use super::optim::{AdamW, lora_params};
-use super::plot::{Series, plot_losses};
+use super::plot::{Series, plot_heatmap, plot_losses};
 use super::progress::Progress;
 use super::schedule::{lr_at, warmup_steps};
 use super::step::Dropout;
@@ -210,6 +211,7 @@ fn f32_tensor(name: String, data: &[f32]) -> RawTensor<'static> {
 }
 
 /// Writes everything a resume needs into `dir`.
+#[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     dir: &Path,
     model: &LlamaModel,
@@ -218,8 +220,12 @@ fn write_checkpoint(
     opt: &AdamW,
     batcher: &BatcherState,
     state: &TrainerState,
+    grit: Option<&GritState>,
 ) -> Result<()> {
     save_peft_adapter(model, spec, base, dir)?;
+    if let Some(g) = grit {
+        g.save(dir)?;
+    }
     let mut t = Vec::with_capacity(2 * opt.m.len());
     for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
         t.push(f32_tensor(format!("exp_avg.{i}"), m));
@@ -234,7 +240,21 @@ fn write_checkpoint(
 }
 
 /// Restores adapter, optimizer, batcher and trainer state from a checkpoint directory.
-fn read_checkpoint(dir: &Path, model: &mut LlamaModel, opt: &mut AdamW, batcher: &mut Batcher) -> Result<TrainerState> {
+fn read_checkpoint(
+    dir: &Path,
+    model: &mut LlamaModel,
+    opt: &mut AdamW,
+    batcher: &mut Batcher,
+    grit: Option<&mut GritState>,
+) -> Result<TrainerState> {
+    if let Some(g) = grit {
+        g.load(dir).map_err(|e| {
+            Error::Invalid(format!(
+                "{e}\n{} was not written by a GRIT run (or is damaged); resume it with optim.optimizer = \"adamw\"",
+                dir.display()
+            ))
+        })?;
+    }
     let cfg = AdapterConfig::from_dir(dir)?;
     let weights = dir.join("adapter_model.safetensors");
     attach_lora_tensors(model, &cfg, &Checkpoint::open(&weights)?, "", &weights)?;
@@ -261,14 +281,107 @@ fn read_checkpoint(dir: &Path, model: &mut LlamaModel, opt: &mut AdamW, batcher:
     Ok(state)
 }
 
+/// GRIT's logs beyond metrics.jsonl: `grit.jsonl` (one line per inversion and reprojection, with
+/// per-module λ, k and top eigenvalues), eigenvalue heat maps, and TensorBoard spectra.
+struct GritLog {
+    file: std::fs::File,
+    dir: PathBuf,
+}
+
+impl GritLog {
+    fn open(dir: &Path, append: bool) -> Result<Self> {
+        let path = dir.join("grit.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(GritLog { file, dir: dir.to_path_buf() })
+    }
+
+    fn line(&mut self, v: serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        let path = self.dir.join("grit.jsonl");
+        self.file.write_all(format!("{v}\n").as_bytes()).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Adds GRIT's scalars to `rec` and writes the step's events.
+    fn record(
+        &mut self,
+        step: usize,
+        g: &GritState,
+        l: &GritStepLog,
+        rec: &mut Record,
+        events: &mut EventWriter,
+    ) -> Result<()> {
+        use serde_json::json;
+        let mut put = |k: &str, v: f64| {
+            rec.extra.insert(k.into(), json!(v));
+        };
+        if let Some(r) = l.ng_ratio {
+            put("grit_ng_ratio", r);
+        }
+        put("grit_reg_loss", l.reg_loss);
+        put("grit_damping", l.damping);
+        put("grit_ready_modules", l.ready_modules as f64);
+        put("grit_effective_param_ratio", g.effective_param_ratio());
+        if let Some(lams) = &l.inverted {
+            let used: Vec<f64> = lams.iter().filter(|&&x| x > 0.0).map(|&x| f64::from(x)).collect();
+            if !used.is_empty() {
+                put("grit_lambda_mean", used.iter().sum::<f64>() / used.len() as f64);
+                put("grit_lambda_max", used.iter().copied().fold(0.0, f64::max));
+                let base = l.damping.max(gristmill_core::linalg::MIN_DAMPING) * 1.0001;
+                put("grit_lambda_escalations", used.iter().filter(|&&x| x > base).count() as f64);
+            }
+            let failed = lams.iter().filter(|&&x| x < 0.0).count();
+            self.line(
+                json!({"step": step, "event": "invert", "damping": l.damping, "lambda": lams, "failed": failed}),
+            )?;
+        }
+        if let Some(rp) = &l.reprojected {
+            let ks: Vec<f64> = rp.k.iter().map(|&k| k as f64).collect();
+            put("grit_k_mean", ks.iter().sum::<f64>() / ks.len().max(1) as f64);
+            let top = rp.eigs_a.iter().filter_map(|v| v.first()).fold(0f32, |a, &b| a.max(b));
+            put("grit_top_eig_a_max", f64::from(top));
+            let names: Vec<&str> = g.modules.iter().map(|m| m.name.as_str()).collect();
+            let mut ev = json!({"step": step, "event": "reproject", "k": rp.k,
+                "effective_param_ratio": rp.effective_param_ratio, "modules": names});
+            if g.cfg.log_fisher_spectrum {
+                let n = g.cfg.log_top_eigs;
+                let top =
+                    |v: &Vec<Vec<f32>>| -> Vec<Vec<f32>> { v.iter().map(|e| e[..n.min(e.len())].to_vec()).collect() };
+                let (ta, tg) = (top(&rp.eigs_a), top(&rp.eigs_g));
+                let mut scalars: Vec<(String, f64)> = Vec::new();
+                for (mi, m) in g.modules.iter().enumerate() {
+                    for (j, v) in ta[mi].iter().enumerate() {
+                        scalars.push((format!("grit_eig_a/{}/{j}", m.name), f64::from(*v)));
+                    }
+                    for (j, v) in tg[mi].iter().enumerate() {
+                        scalars.push((format!("grit_eig_g/{}/{j}", m.name), f64::from(*v)));
+                    }
+                    scalars.push((format!("grit_k/{}", m.name), rp.k[mi] as f64));
+                }
+                ev["top_eigs_a"] = json!(ta);
+                ev["top_eigs_g"] = json!(tg);
+                let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                events.add_scalars(step, &refs)?;
+            }
+            self.line(ev)?;
+            if g.cfg.log_eig_heatmaps {
+                let title = format!("GRIT: eigenvalues of the input factor at step {step}");
+                let path = self.dir.join(format!("grit-eigs-step-{step}.png"));
+                plot_heatmap(&path, &title, "eigen-index (descending)", "module", &rp.eigs_a)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Trains a LoRA adapter as `cfg` says and writes the run directory.
 pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
     cfg.validate()?;
-    if cfg.optim.optimizer != OptimizerKind::AdamW {
-        return Err(Error::Unsupported(
-            "optimizer `grit` is not available yet; use optim.optimizer = \"adamw\"".into(),
-        ));
-    }
     let t_start = Instant::now();
     let run_dir = cfg.output.dir.clone();
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
@@ -330,6 +443,13 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         weight_decay: cfg.optim.weight_decay as f32,
     };
     let mut opt = AdamW::new(adam, &model)?;
+    let mut grit = (cfg.optim.optimizer == OptimizerKind::Grit).then(|| {
+        let modules = super::step::lora_slots(&model)
+            .into_iter()
+            .map(|(i, name, lin)| GritModule { name: format!("layers.{i}.{name}"), d_in: lin.k, d_out: lin.n })
+            .collect();
+        GritState::new(&cfg.grit, spec.r, modules)
+    });
     let base_name = cfg.model.path.display().to_string();
 
     let mut ckpts = CheckpointManager::new(&run_dir, cfg.train.keep_last)?;
@@ -338,7 +458,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
     let mut metrics = match &cfg.output.resume {
         Some(r) => {
             let dir = resolve_resume(&run_dir, r)?;
-            state = read_checkpoint(&dir, &mut model, &mut opt, &mut batcher)?;
+            state = read_checkpoint(&dir, &mut model, &mut opt, &mut batcher, grit.as_mut())?;
             state.max_steps = total;
             say(&mut progress, &format!("resumed from {} at step {}", dir.display(), state.global_step));
             MetricsWriter::resume(&metrics_path, state.global_step)?
@@ -354,6 +474,23 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         device.to_string()
     };
     say(&mut progress, &format!("training on {on}"));
+    if let Some(g) = &grit {
+        say(
+            &mut progress,
+            &format!(
+                "optimizer GRIT: {} modules, factors sampled every {} backward passes, inverted every {} steps (λ {}), reprojected every {} steps",
+                g.modules.len(),
+                g.cfg.grit_cov_update_freq,
+                g.cfg.kfac_update_freq,
+                g.cfg.kfac_damping,
+                g.cfg.reprojection_freq
+            ),
+        );
+    }
+    let mut grit_log = match &grit {
+        Some(_) => Some(GritLog::open(&run_dir, cfg.output.resume.is_some())?),
+        None => None,
+    };
     write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
     let mut events = EventWriter::new(&run_dir)?;
     if let Some(p) = &mut progress {
@@ -380,7 +517,10 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
                     p: dropout,
                     seed: mix64(cfg.train.seed ^ mix64((step * accum + i) as u64 + 1)),
                 });
-                loss_sum += engine.micro_step(&model, mb, scale, drop)?.loss_sum;
+                loss_sum += match grit.as_mut() {
+                    Some(g) => engine.micro_step_grit(&model, mb, scale, drop, g)?.loss_sum,
+                    None => engine.micro_step(&model, mb, scale, drop)?.loss_sum,
+                };
             }
         }
         let loss = loss_sum / n_targets.max(1) as f64;
@@ -393,7 +533,14 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
             )));
         }
         let lr = lr_at(cfg.optim.scheduler, step, warmup, total, cfg.optim.lr as f32);
-        let grad_norm = engine.optimizer_step(&mut model, &mut opt, lr, cfg.optim.max_grad_norm as f32)?;
+        let max_norm = cfg.optim.max_grad_norm as f32;
+        let (grad_norm, glog) = match grit.as_mut() {
+            Some(g) => {
+                let (n, l) = engine.grit_optimizer_step(&mut model, &mut opt, lr, max_norm, g, step + 1, loss)?;
+                (n, Some(l))
+            }
+            None => (engine.optimizer_step(&mut model, &mut opt, lr, max_norm)?, None),
+        };
 
         state.global_step += 1;
         state.batches_seen += accum;
@@ -410,6 +557,9 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         rec.tokens_per_s = Some(step_tokens as f64 / dt.max(1e-9));
         rec.memory_bytes = rss_bytes();
         rec.elapsed_s = Some(t_start.elapsed().as_secs_f64());
+        if let (Some(gl), Some(g), Some(l)) = (grit_log.as_mut(), grit.as_ref(), glog.as_ref()) {
+            gl.record(state.global_step, g, l, &mut rec, &mut events)?;
+        }
 
         let at_end = state.global_step == total;
         let mut is_best = false;
@@ -457,7 +607,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
             engine.sync_to_host(&mut model, &mut opt)?;
             let bstate = batcher.state();
             ckpts.save(state.global_step, is_best, |dir| {
-                write_checkpoint(dir, &model, &spec, &base_name, &opt, &bstate, &state)
+                write_checkpoint(dir, &model, &spec, &base_name, &opt, &bstate, &state, grit.as_ref())
             })?;
         }
         if interrupted || early {
