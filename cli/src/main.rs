@@ -156,6 +156,19 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutDType::Bf16)]
         dtype: OutDType,
     },
+    /// Export an HF-layout Llama model (a merged one, say) as a GGUF file for llama.cpp: llama
+    /// metadata, the byte-level BPE tokenizer, tensors under GGUF names.
+    ExportGguf {
+        /// The model directory (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// The .gguf file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Type of the matrices (norms stay F32).
+        #[arg(long = "type", value_enum, default_value_t = GgufType::F16)]
+        ty: GgufType,
+    },
     /// Describe a checkpoint: architecture, parameters, dtypes, memory at NF4 and bf16.
     Inspect {
         /// A model directory, a .safetensors file or a model.safetensors.index.json.
@@ -247,6 +260,14 @@ struct TrainArgs {
     /// Continue from a checkpoint directory, or "latest" in the run directory.
     #[arg(long)]
     resume: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GgufType {
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -393,6 +414,25 @@ fn main() -> Result<()> {
         }
         Command::Compare { runs, out, json } => compare_cmd(&runs, &out, json),
         Command::Sweep { config, grid, out, sets } => sweep_cmd(&config, &grid, &out, sets, dev),
+        Command::ExportGguf { model, out, ty } => {
+            use gristmill::gguf_export::{ExportType, export_gguf};
+            let ty = match ty {
+                GgufType::F16 => ExportType::F16,
+                GgufType::Bf16 => ExportType::Bf16,
+                GgufType::Q8_0 => ExportType::Q8_0,
+            };
+            let s = export_gguf(&model, &out, ty)?;
+            let types: Vec<String> = s.types.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            println!(
+                "exported {} → {}: {} tensors ({}), {:.1} MiB",
+                model.display(),
+                out.display(),
+                s.tensors,
+                types.join(", "),
+                s.bytes as f64 / (1 << 20) as f64
+            );
+            Ok(())
+        }
         Command::ImportGguf { gguf, out, dtype } => import_gguf(&gguf, &out, dtype),
         Command::Inspect { path, tensors } => {
             let report = gristmill::inspect::inspect(&path)?;

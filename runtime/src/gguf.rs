@@ -935,6 +935,17 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: u64, name: &str) -> Result<Vec<f
 /// each head of `hd` rows, GGUF row `2i + j` is HF row `j·hd/2 + i`. `w` is row-major
 /// `(rows, cols)`; a bias is `cols = 1`.
 pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize, name: &str) -> Result<Vec<f32>> {
+    permute_rows(w, rows, cols, n_head, name, false)
+}
+
+/// The inverse of [`unpermute_qk`]: HF's rotate-half rows into GGUF's interleaved order, as
+/// llama.cpp's converter writes Q and K.
+pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize, name: &str) -> Result<Vec<f32>> {
+    permute_rows(w, rows, cols, n_head, name, true)
+}
+
+/// Moves GGUF row `2i + j` of each head to HF row `j·hd/2 + i` (or back, `to_gguf`).
+fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize, name: &str, to_gguf: bool) -> Result<Vec<f32>> {
     if n_head == 0
         || !rows.is_multiple_of(n_head)
         || !(rows / n_head).is_multiple_of(2)
@@ -943,7 +954,8 @@ pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize, name: &s
         return Err(Error::tensor(
             name,
             format!(
-                "cannot undo the RoPE row permutation of a ({rows}, {cols}) tensor over {n_head} heads: rows must split into heads of an even size"
+                "cannot {} the RoPE row permutation of a ({rows}, {cols}) tensor over {n_head} heads: rows must split into heads of an even size",
+                if to_gguf { "apply" } else { "undo" }
             ),
         ));
     }
@@ -953,8 +965,9 @@ pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize, name: &s
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * hd + 2 * i + j) * cols;
-                let dst = (h * hd + j * half + i) * cols;
+                let gguf = (h * hd + 2 * i + j) * cols;
+                let hf = (h * hd + j * half + i) * cols;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
             }
         }
@@ -1278,6 +1291,20 @@ fn rope_scaling(f: &GgufFile, theta: f64, head_dim: usize) -> Result<Value> {
     let Some(t) = f.tensor("rope_freqs.weight") else { return Ok(Value::Null) };
     let divisors = f.dequantize(t)?;
     let original = f.opt_u32("llama.rope.scaling.original_context_length")?;
+    // gristmill's export also writes the blend's bounds: with fewer than two frequencies inside the
+    // blend, the divisors alone do not determine them.
+    if let (Some(lo), Some(hi), Some(l)) =
+        (f.opt_f64("llama.rope.scaling.low_freq_factor")?, f.opt_f64("llama.rope.scaling.high_freq_factor")?, original)
+    {
+        let factor = divisors.iter().fold(1f64, |m, &d| m.max(f64::from(d)));
+        return Ok(json!({
+            "rope_type": "llama3",
+            "factor": (factor * 1e4).round() / 1e4,
+            "low_freq_factor": lo,
+            "high_freq_factor": hi,
+            "original_max_position_embeddings": l,
+        }));
+    }
     llama3_from_divisors(&divisors, theta, head_dim, original.map(u64::from))
         .ok_or_else(|| Error::Unsupported("rope_freqs.weight that does not follow Llama-3 RoPE scaling".into()))
 }
@@ -1364,7 +1391,7 @@ fn split(regex: &str) -> Value {
 
 /// (normalizer, pre-tokenizer) of the HF tokenizer.json of the family named by
 /// `tokenizer.ggml.pre`.
-fn pre_tokenizer(pre: &str) -> Result<(Value, Value)> {
+pub(crate) fn pre_tokenizer(pre: &str) -> Result<(Value, Value)> {
     Ok(match pre {
         // SmolLM / SmolLM2 (the cosmo2 tokenizer): digits one by one, then GPT-2's byte level.
         "smollm" => (

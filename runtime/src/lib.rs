@@ -26,6 +26,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod inspect;
 pub mod merge;
 pub mod model;
