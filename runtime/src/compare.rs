@@ -173,15 +173,16 @@ fn format_duration(s: f64) -> String {
 }
 
 /// The chart's curves: each run's training loss (solid) and validation loss (dashed) in the run's
-/// color.
+/// color, with one legend entry per run (the first of its curves carries the name).
 pub fn loss_series(runs: &[RunSummary]) -> Vec<Series> {
     let mut out = Vec::new();
     for (i, r) in runs.iter().enumerate() {
+        let mut name = Some(r.name.clone());
         if !r.train_curve.is_empty() {
-            out.push(Series::new(format!("{} train", r.name), r.train_curve.clone(), i));
+            out.push(Series::new(name.take().unwrap_or_default(), r.train_curve.clone(), i));
         }
         if !r.val_curve.is_empty() {
-            out.push(Series::new(format!("{} val", r.name), r.val_curve.clone(), i).dashed());
+            out.push(Series::new(name.take().unwrap_or_default(), r.val_curve.clone(), i).dashed());
         }
     }
     out
@@ -189,7 +190,7 @@ pub fn loss_series(runs: &[RunSummary]) -> Vec<Series> {
 
 /// Draws every run's training and validation loss on one PNG at `path`.
 pub fn plot_runs(path: &Path, runs: &[RunSummary]) -> Result<()> {
-    plot_losses(path, "loss: train (solid), validation (dashed)", &loss_series(runs))
+    plot_losses(path, "loss: train solid, validation dashed", &loss_series(runs))
 }
 
 #[cfg(test)]
@@ -293,7 +294,12 @@ mod tests {
         let runs = summarize_runs(&dirs).unwrap();
         let series = loss_series(&runs);
         assert_eq!(series.len(), 6);
-        assert!(series.iter().filter(|s| s.dashed).all(|s| s.name.ends_with(" val")));
+        // One legend entry per run: the training curve is named, the dashed validation curve not.
+        assert!(series.iter().filter(|s| s.dashed).all(|s| s.name.is_empty()));
+        assert_eq!(
+            series.iter().filter(|s| !s.name.is_empty()).map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["r0", "r1", "r2"]
+        );
         let png = t.path().join("compare.png");
         plot_runs(&png, &runs).unwrap();
         let (w, h, px) = decode_png(&std::fs::read(&png).unwrap());
@@ -302,7 +308,7 @@ mod tests {
         assert!(px.iter().any(|p| *p != background));
         for (i, color) in COLORS.iter().enumerate().take(3) {
             let n = px.iter().filter(|p| *p == color).count();
-            // Curves, not just the legend swatches (2 swatches of at most 25×3 pixels each).
+            // Curves, not just the legend swatch (25×3 pixels).
             assert!(n > 200, "run {i}: {n} pixels of its color");
         }
         assert_eq!(px.iter().filter(|p| **p == COLORS[3]).count(), 0, "a fourth color with three runs");

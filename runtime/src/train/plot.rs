@@ -10,7 +10,7 @@ use std::path::Path;
 /// One line of the chart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
-    /// Legend text.
+    /// Legend text (empty: no legend entry).
     pub name: String,
     /// (x, y) points in drawing order; points with a NaN or infinite coordinate are skipped and
     /// break the line.
@@ -381,11 +381,12 @@ fn render(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Canva
     c.text(a.x0 - text_width(y_label, 2) / 2, a.y0 - 30, y_label, 2, TEXT);
     c.text(WIDTH as i64 / 2 - text_width(title, 3) / 2, 10, title, 3, BLACK);
 
-    // Legend, top right inside the frame.
-    if !series.is_empty() {
+    // Legend, top right inside the frame; a series with an empty name has no entry.
+    let named: Vec<&Series> = series.iter().filter(|s| !s.name.is_empty()).collect();
+    if !named.is_empty() {
         let row = 22;
-        let w = series.iter().map(|s| text_width(&s.name, 2)).max().unwrap_or(0) + 50;
-        let h = row * series.len() as i64 + 10;
+        let w = named.iter().map(|s| text_width(&s.name, 2)).max().unwrap_or(0) + 50;
+        let h = row * named.len() as i64 + 10;
         let (lx1, ly0) = (a.x1 - 10, a.y0 + 10);
         let lx0 = lx1 - w;
         c.fill(lx0, ly0, lx1, ly0 + h, WHITE);
@@ -393,7 +394,7 @@ fn render(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Canva
         c.hline(lx0, lx1, ly0 + h, GRID);
         c.vline(lx0, ly0, ly0 + h, GRID);
         c.vline(lx1, ly0, ly0 + h, GRID);
-        for (i, s) in series.iter().enumerate() {
+        for (i, s) in named.iter().enumerate() {
             let y = ly0 + 8 + row * i as i64;
             if s.dashed {
                 for x0 in [lx0 + 8, lx0 + 22] {
