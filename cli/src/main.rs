@@ -502,6 +502,7 @@ fn generate_cmd(a: GenerateArgs, dev: Option<&str>) -> Result<()> {
     };
     let mut model = LlamaModel::load(&a.model, base)?;
     let mut tok = Tokenizer::from_dir(&a.model)?;
+    tok.check_fits_model(model.cfg.vocab_size)?;
     if let Some(t) = &a.chat_template {
         let text = std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?;
         tok.with_chat_template(text);
@@ -599,6 +600,7 @@ fn eval_cmd(a: &EvalArgs<'_>, dev: Option<&str>) -> Result<()> {
     }
     let mut model = LlamaModel::load(a.model, BasePrecision::AsStored)?;
     let tok = Tokenizer::from_dir(a.model)?;
+    tok.check_fits_model(model.cfg.vocab_size)?;
     let (mut examples, report) = load_examples(a.data, Format::Auto)?;
     if let Some(n) = a.max_examples {
         examples.truncate(n);
@@ -770,6 +772,7 @@ fn chat_cmd(
         gristmill::adapter::load_peft_adapter(&mut model, dir)?;
     }
     let tok = Tokenizer::from_dir(model_dir)?;
+    tok.check_fits_model(model.cfg.vocab_size)?;
     if tok.chat_template().is_none() {
         bail!("{} has no chat template; use `gristmill generate` with a plain prompt", model_dir.display());
     }

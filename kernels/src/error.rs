@@ -27,6 +27,12 @@ impl KernelError {
     pub fn shape(kernel: &'static str, msg: impl Into<String>) -> Self {
         Self::Shape { kernel, msg: msg.into() }
     }
+
+    /// Whether the device ran out of memory: an allocation (the stream-ordered pool included) or
+    /// a launch that needed more than was free.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Self::Driver(DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)))
+    }
 }
 
 /// Fails with a shape error unless `got == want`; `what` names the buffer or size.

@@ -166,6 +166,7 @@ impl Model {
         let dir = dir.as_ref();
         let mut model = LlamaModel::load(dir, opts.base_precision)?;
         let tok = Tokenizer::from_dir(dir)?;
+        tok.check_fits_model(model.cfg.vocab_size)?;
         let adapter = match &opts.adapter {
             Some(a) => {
                 let n = load_peft_adapter(&mut model, a)?;

@@ -46,8 +46,20 @@ pub enum Error {
     Core(#[from] gristmill_core::Error),
     /// The GPU: driver, kernel launch or a launcher's shape check.
     #[cfg(feature = "cuda")]
-    #[error("GPU: {0}")]
+    #[error("GPU: {}", gpu_message(.0))]
     Gpu(#[from] gristmill_kernels::KernelError),
+}
+
+/// What running out of GPU memory tells the user: the settings that decide how much is needed.
+pub const OUT_OF_MEMORY: &str = "out of GPU memory (CUDA_ERROR_OUT_OF_MEMORY). Lower train.batch_size \
+(raise train.grad_accum to keep the effective batch), data.max_seq_len or lora.r; keep \
+train.compute_dtype = \"bf16\" (f32 activations take twice the memory) and model.base_precision = \"nf4\"; \
+when generating, shorten the prompt or --max-new-tokens. Other programs on the GPU (nvidia-smi) hold memory too";
+
+#[cfg(feature = "cuda")]
+fn gpu_message(e: &gristmill_kernels::KernelError) -> String {
+    // The driver's own text for this error is a bare "out of memory"; what to change is more use.
+    if e.is_out_of_memory() { OUT_OF_MEMORY.to_string() } else { e.to_string() }
 }
 
 impl Error {
@@ -69,5 +81,26 @@ impl Error {
     /// A problem with the model configuration.
     pub fn config(msg: impl Into<String>) -> Self {
         Error::Config { msg: msg.into() }
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use cudarc::driver::DriverError;
+    use cudarc::driver::sys::CUresult;
+
+    #[test]
+    fn out_of_gpu_memory_names_the_settings_to_lower() {
+        // A synthetic driver error: displaying it never calls into the driver library.
+        let e = Error::from(gristmill_kernels::KernelError::Driver(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY)));
+        let msg = e.to_string();
+        assert_eq!(msg, format!("GPU: {OUT_OF_MEMORY}"));
+        for setting in ["train.batch_size", "data.max_seq_len", "train.compute_dtype", "train.grad_accum"] {
+            assert!(msg.contains(setting), "{setting} missing from: {msg}");
+        }
+        let shape = Error::from(gristmill_kernels::KernelError::shape("gemm", "a has 3 elements, expected 4"));
+        assert_eq!(shape.to_string(), "GPU: gemm: a has 3 elements, expected 4");
+        assert!(!gristmill_kernels::KernelError::shape("gemm", "x").is_out_of_memory());
     }
 }

@@ -56,7 +56,16 @@ pub fn write_safetensors(
     }
     let tmp = crate::util::tmp_path(path);
     let views = tensors.iter().map(|t| (t.name.as_str(), WriteView(t)));
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::format(&tmp, e.to_string()))?;
+    if let Err(e) = safetensors::serialize_to_file(views, metadata, &tmp) {
+        // A full disk fails here: the old file at `path` is untouched, and no partial one stays.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(&tmp, e.to_string()));
+    }
+    // On disk before the rename, so a crash never leaves `path` naming a file whose data is lost.
+    if let Err(e) = std::fs::File::open(&tmp).and_then(|f| f.sync_all()) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

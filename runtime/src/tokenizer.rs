@@ -489,6 +489,25 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// Checks that every id this tokenizer can produce has a row in the model's embedding of
+    /// `model_vocab` rows (an embedding may be larger, padded; never smaller). A tokenizer from
+    /// another model would otherwise index past the embedding.
+    pub fn check_fits_model(&self, model_vocab: usize) -> Result<()> {
+        let vocab = self.inner.get_vocab(true);
+        let Some((token, &max_id)) = vocab.iter().max_by_key(|(_, id)| **id) else {
+            return Err(Error::Tokenizer("the tokenizer has an empty vocabulary".into()));
+        };
+        if max_id as usize >= model_vocab {
+            return Err(Error::Tokenizer(format!(
+                "the tokenizer does not match the model: its token `{token}` has id {max_id} ({} tokens), but the \
+                 model's vocab_size is {model_vocab} (ids 0..{model_vocab}); use the tokenizer files of the model's \
+                 own directory",
+                self.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
     /// The id of a token (added tokens included), if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

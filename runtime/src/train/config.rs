@@ -196,6 +196,9 @@ pub struct TrainSection {
     pub device: String,
     /// Activations on a GPU: `bf16` (fast) or `f32` (matches the CPU to f32 rounding).
     pub compute_dtype: String,
+    /// A step whose loss or gradients are NaN or infinite is skipped (no update, counted in the
+    /// log) instead of stopping the run.
+    pub skip_nonfinite: bool,
 }
 
 /// `[output]`: where the run goes.
@@ -393,6 +396,7 @@ impl Default for TrainSection {
             log_every: 1,
             device: "auto".into(),
             compute_dtype: "bf16".into(),
+            skip_nonfinite: false,
         }
     }
 }
@@ -479,6 +483,7 @@ const KEYS: &[KeySpec] = &[
     key("train.log_every", Kind::Int, "log metrics every N steps (1)"),
     key("train.device", Kind::Str, "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)"),
     key("train.compute_dtype", Kind::Choice(&["bf16", "f32"]), "activations on a GPU (bf16)"),
+    key("train.skip_nonfinite", Kind::Bool, "skip a step with NaN/inf loss or gradients instead of stopping (false)"),
     required("output.dir", Kind::Path, "the run directory"),
     key("output.resume", Kind::Str, "resume from a checkpoint directory, or `latest`"),
     key("grit.kfac_update_freq", Kind::Int, "invert the K-FAC factors every N steps (50)"),

@@ -171,7 +171,8 @@ impl Engine {
     }
 
     /// Clips the gradients to `max_grad_norm` (0 = no clipping) and takes one AdamW step with
-    /// learning rate `lr`; returns the gradient norm before clipping.
+    /// learning rate `lr`; returns the gradient norm before clipping. A NaN or infinite norm
+    /// takes no step: parameters and optimizer state are left as they were.
     pub fn optimizer_step(
         &mut self,
         model: &mut LlamaModel,
@@ -187,6 +188,11 @@ impl Engine {
                 } else {
                     bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt()
                 };
+                if !norm.is_finite() {
+                    // No update from a NaN or infinite gradient (as on the GPU): the adapter and
+                    // the optimizer state stay as they were, and the caller decides what to do.
+                    return Ok(norm);
+                }
                 let g: Vec<&[f32]> =
                     grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
                 opt.update(model, &g, lr)?;
@@ -260,6 +266,10 @@ impl Engine {
                 } else {
                     bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt()
                 };
+                if !norm.is_finite() {
+                    // As in `optimizer_step`: no update from a NaN or infinite gradient.
+                    return Ok((norm, log));
+                }
                 let (inverted, ratio) = grit.precondition(step, &mut bufs)?;
                 let g: Vec<&[f32]> =
                     grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();

@@ -379,6 +379,19 @@ impl GritLog {
     }
 }
 
+/// The error that stops a run at `step` for a NaN or infinite loss or gradient (`what`), naming
+/// the last checkpoint, which the step did not touch.
+fn nonfinite_error(what: &str, step: usize, ckpts: &CheckpointManager) -> Result<Error> {
+    let last = match ckpts.list()?.last() {
+        Some((s, p)) => format!("checkpoint-{s} ({}); resume from it with --resume latest", p.display()),
+        None => "none (no checkpoint was written yet)".into(),
+    };
+    Ok(Error::Invalid(format!(
+        "step {step}: {what}: stopping, the adapter was not updated. The last good checkpoint is {last}. \
+         Lower optim.lr or optim.max_grad_norm, check the data, or set train.skip_nonfinite = true to skip such steps"
+    )))
+}
+
 /// Trains a LoRA adapter as `cfg` says and writes the run directory.
 pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
     cfg.validate()?;
@@ -398,6 +411,16 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
 
     let tok = Tokenizer::from_dir(&cfg.model.path)?;
     let mut model = load_base(cfg)?;
+    tok.check_fits_model(model.cfg.vocab_size)?;
+    let ctx = model.cfg.max_position_embeddings;
+    if cfg.data.max_seq_len > ctx {
+        return Err(Error::Invalid(format!(
+            "data.max_seq_len = {} is longer than the model's context ({ctx}, max_position_embeddings in {}): \
+             set data.max_seq_len to {ctx} or less (longer examples are truncated and counted)",
+            cfg.data.max_seq_len,
+            cfg.model.path.join("config.json").display()
+        )));
+    }
     say(
         &mut progress,
         &format!(
@@ -500,6 +523,7 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
     let dropout = cfg.lora.dropout as f32;
     let mut on_step = hooks.on_step;
     let (mut last_loss, mut tokens, mut interrupted, mut early) = (f64::NAN, 0u64, false, false);
+    let mut skipped = 0usize;
     let mut last_eval = None;
     let eval_every = if cfg.train.eval_every > 0 { cfg.train.eval_every } else { steps_per_epoch };
     let pad = tok.pad_id();
@@ -524,23 +548,35 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
             }
         }
         let loss = loss_sum / n_targets.max(1) as f64;
-        if !loss.is_finite() {
-            let last = ckpts.list()?.last().map(|(s, p)| format!("checkpoint-{s} ({})", p.display()));
-            return Err(Error::Invalid(format!(
-                "the loss became {loss} at step {}: stopping. The last good checkpoint is {}. Lower optim.lr, or check the data",
-                step + 1,
-                last.unwrap_or_else(|| "none (no checkpoint was written yet)".into())
-            )));
-        }
         let lr = lr_at(cfg.optim.scheduler, step, warmup, total, cfg.optim.lr as f32);
+        // A NaN or infinite loss or gradient takes no step (the engine leaves the adapter and the
+        // optimizer as they were); the run stops, or skips the step when asked to.
         let max_norm = cfg.optim.max_grad_norm as f32;
         let (grad_norm, glog) = match grit.as_mut() {
+            _ if !loss.is_finite() => (f32::NAN, None),
             Some(g) => {
                 let (n, l) = engine.grit_optimizer_step(&mut model, &mut opt, lr, max_norm, g, step + 1, loss)?;
                 (n, Some(l))
             }
             None => (engine.optimizer_step(&mut model, &mut opt, lr, max_norm)?, None),
         };
+        let nonfinite = if !loss.is_finite() {
+            Some(format!("the loss is {loss}"))
+        } else {
+            (!grad_norm.is_finite()).then(|| format!("the gradient norm is {grad_norm}"))
+        };
+        if let Some(what) = &nonfinite {
+            if !cfg.train.skip_nonfinite {
+                return Err(nonfinite_error(what, step + 1, &ckpts)?);
+            }
+            skipped += 1;
+            let msg =
+                format!("step {}: {what}; the step is skipped ({skipped} so far, train.skip_nonfinite)", step + 1);
+            match &mut progress {
+                Some(p) => p.message(&msg),
+                None => log::warn!("{msg}"),
+            }
+        }
 
         state.global_step += 1;
         state.batches_seen += accum;
@@ -551,9 +587,9 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         last_loss = loss;
         let dt = t0.elapsed().as_secs_f64();
         let mut rec = Record::new(state.global_step, state.epoch);
-        rec.loss = Some(loss);
+        rec.loss = loss.is_finite().then_some(loss);
         rec.lr = Some(f64::from(lr));
-        rec.grad_norm = Some(f64::from(grad_norm));
+        rec.grad_norm = grad_norm.is_finite().then_some(f64::from(grad_norm));
         rec.tokens_per_s = Some(step_tokens as f64 / dt.max(1e-9));
         rec.memory_bytes = rss_bytes();
         rec.elapsed_s = Some(t_start.elapsed().as_secs_f64());
@@ -616,6 +652,9 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
     }
     if let Some(p) = &mut progress {
         p.finish();
+    }
+    if skipped > 0 {
+        notes.push(format!("{skipped} steps skipped for a NaN or infinite loss or gradient"));
     }
     // The run's result: the adapter at the run directory's root, and the summary files.
     engine.sync_to_host(&mut model, &mut opt)?;

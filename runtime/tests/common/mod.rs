@@ -13,6 +13,14 @@ pub fn fixtures() -> PathBuf {
     if built.exists() { built } else { PathBuf::from("tests/fixtures") }
 }
 
+/// A fresh, empty directory `gristmill-{name}-{pid}` under the system temporary directory.
+pub fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gristmill-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// 120 synthetic problems as GSM8K-style JSON Lines in `dir/data.jsonl`.
 pub fn write_synth_data(dir: &Path) -> PathBuf {
     let path = dir.join("data.jsonl");
