@@ -94,6 +94,18 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Representation drift of a run trained with train.track_hidden_every: linear CKA and cosine
+    /// similarity of every layer's hidden states against step 0 (the base), per tracked step.
+    Drift {
+        /// The run directory.
+        run: PathBuf,
+        /// Where to write the chart (CKA by layer, a line per step).
+        #[arg(long, default_value = "drift.png")]
+        out: PathBuf,
+        /// Print the report as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Chat with a model (and optional adapter) in the terminal, with history and the model's chat
     /// template. Commands: /reset clears the history, /exit (or end of input) quits.
     Chat {
@@ -413,6 +425,18 @@ fn main() -> Result<()> {
             eval_cmd(&args, dev)
         }
         Command::Compare { runs, out, json } => compare_cmd(&runs, &out, json),
+        Command::Drift { run, out, json } => {
+            let r = gristmill::drift::drift(&run)?;
+            r.plot(&out)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{} examples, hidden states {}; against step 0:", r.examples, r.reduction);
+                print!("{}", r.table());
+            }
+            eprintln!("CKA by layer in {}", out.display());
+            Ok(())
+        }
         Command::Sweep { config, grid, out, sets } => sweep_cmd(&config, &grid, &out, sets, dev),
         Command::ExportGguf { model, out, ty } => {
             use gristmill::gguf_export::{ExportType, export_gguf};

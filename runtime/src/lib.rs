@@ -22,6 +22,7 @@ pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod doctor;
+pub mod drift;
 pub mod error;
 pub mod eval;
 pub mod generate;

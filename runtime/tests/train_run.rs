@@ -232,3 +232,43 @@ fn the_grit_recipe_and_its_adamw_twin_differ_in_the_optimizer_only() {
     assert!(!g.grit.enable_rank_adaptation && g.grit.use_two_sided_reprojection);
     assert_eq!((g.lora.r, g.lora.alpha, g.train.seed, g.train.max_steps), (16, 16.0, 3407, Some(200)));
 }
+
+#[test]
+fn hidden_state_tracking_feeds_drift_and_survives_a_resume() {
+    let dir = tmp("drift");
+    let data = write_synth_data(&dir);
+    let mut cfg = config(&data, &dir.join("run"), "");
+    cfg.train.max_steps = Some(4);
+    cfg.train.track_hidden_every = 2;
+    cfg.train.track_examples = 3;
+    // Stop after step 3 (a checkpoint is written), then resume to the end.
+    let mut stop_at_3 = |r: &Record| r.step < 3;
+    let part = train(&cfg, Hooks { on_step: Some(&mut stop_at_3), ..Default::default() }).unwrap();
+    assert_eq!(part.steps, 3);
+    let mut again = cfg.clone();
+    again.output.resume = Some("latest".into());
+    train(&again, Hooks::default()).unwrap();
+
+    let r = gristmill::drift::drift(&dir.join("run")).unwrap();
+    // Step 0 (the base), 2 and 4, each once though the run stopped at 3.
+    assert_eq!(r.steps, [0, 2, 4]);
+    assert_eq!((r.layers, r.examples), (2, 3));
+    let bytes = std::fs::metadata(dir.join("run/hidden_states.f32")).unwrap().len();
+    assert_eq!(bytes, 3 * 2 * 3 * 96 * 4);
+    for l in 0..2 {
+        assert!((r.cka[0][l] - 1.0).abs() < 1e-9 && (r.cosine[0][l] - 1.0).abs() < 1e-9);
+        for s in 1..3 {
+            assert!(r.cka[s][l] <= 1.0 + 1e-9 && r.cosine[s][l] <= 1.0 + 1e-9);
+        }
+    }
+    // Training moved the states: the last layer's cosine at step 4 is below 1.
+    assert!(r.cosine[2][1] < 1.0 - 1e-7, "{:?}", r.cosine);
+    assert_eq!(r.table().lines().count(), 1 + 3 * 2);
+    let png = dir.join("drift.png");
+    r.plot(&png).unwrap();
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    // A run without tracking says how to get it.
+    let e = gristmill::drift::drift(&dir).unwrap_err().to_string();
+    assert!(e.contains("track_hidden_every"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -429,6 +429,18 @@ pub fn eval_step<B: Backend>(be: &B, batch: &BatchIn<'_>) -> Result<MicroStats> 
 /// Runs `tokens` (one sequence) after the positions already in `cache`, appending to it.
 /// Returns the logits of every new position (T, V) when `all_logits`, else of the last (1, V).
 pub fn decode_step<B: Backend>(be: &B, tokens: &[u32], cache: &mut B::Cache, all_logits: bool) -> Result<Vec<f32>> {
+    decode_step_observed(be, tokens, cache, all_logits, &mut |_, _| {})
+}
+
+/// [`decode_step`], handing `observe(layer, x)` each layer's output (the residual stream after it,
+/// x: (T, C)).
+pub fn decode_step_observed<B: Backend>(
+    be: &B,
+    tokens: &[u32],
+    cache: &mut B::Cache,
+    all_logits: bool,
+    observe: &mut dyn FnMut(usize, &B::Buf),
+) -> Result<Vec<f32>> {
     let cfg = be.cfg();
     let t = tokens.len();
     if t == 0 {
@@ -465,6 +477,7 @@ pub fn decode_step<B: Backend>(be: &B, tokens: &[u32], cache: &mut B::Cache, all
         let (dn, _) = be.linear(li, Proj::Down, &sw, t, false, None)?;
         let next = if li + 1 < cfg.num_layers { Norm::Attn(li + 1) } else { Norm::Final };
         hn = be.add_norm(&mut x, &dn, next, t)?.0;
+        observe(li, &x);
     }
     be.cache_advance(cache, t);
     be.logits(&hn, t, if all_logits { t } else { 1 })

@@ -199,6 +199,11 @@ pub struct TrainSection {
     /// A step whose loss or gradients are NaN or infinite is skipped (no update, counted in the
     /// log) instead of stopping the run.
     pub skip_nonfinite: bool,
+    /// Record every layer's hidden states (mean over tokens) of `track_examples` validation
+    /// examples at step 0 and every this many steps, for `gristmill drift`; 0 = off.
+    pub track_hidden_every: usize,
+    /// How many validation examples `track_hidden_every` records.
+    pub track_examples: usize,
 }
 
 /// `[output]`: where the run goes.
@@ -397,6 +402,8 @@ impl Default for TrainSection {
             device: "auto".into(),
             compute_dtype: "bf16".into(),
             skip_nonfinite: false,
+            track_hidden_every: 0,
+            track_examples: 8,
         }
     }
 }
@@ -484,6 +491,8 @@ const KEYS: &[KeySpec] = &[
     key("train.device", Kind::Str, "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)"),
     key("train.compute_dtype", Kind::Choice(&["bf16", "f32"]), "activations on a GPU (bf16)"),
     key("train.skip_nonfinite", Kind::Bool, "skip a step with NaN/inf loss or gradients instead of stopping (false)"),
+    key("train.track_hidden_every", Kind::Int, "record hidden states for gristmill drift every N steps, 0 = off (0)"),
+    key("train.track_examples", Kind::Int, "validation examples whose hidden states are recorded (8)"),
     required("output.dir", Kind::Path, "the run directory"),
     key("output.resume", Kind::Str, "resume from a checkpoint directory, or `latest`"),
     key("grit.kfac_update_freq", Kind::Int, "invert the K-FAC factors every N steps (50)"),

@@ -516,6 +516,17 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
     };
     write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string()?.as_bytes())?;
     let mut events = EventWriter::new(&run_dir)?;
+    let mut hidden = crate::drift::HiddenTracker::open(
+        &run_dir,
+        &model,
+        cfg.train.track_hidden_every,
+        cfg.train.track_examples,
+        &data.val,
+        state.global_step,
+    )?;
+    if let Some(h) = hidden.as_mut().filter(|h| h.due(state.global_step)) {
+        h.record(state.global_step, &model)?;
+    }
     if let Some(p) = &mut progress {
         *p = Progress::stderr(total);
     }
@@ -595,6 +606,11 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
         rec.elapsed_s = Some(t_start.elapsed().as_secs_f64());
         if let (Some(gl), Some(g), Some(l)) = (grit_log.as_mut(), grit.as_ref(), glog.as_ref()) {
             gl.record(state.global_step, g, l, &mut rec, &mut events)?;
+        }
+
+        if let Some(h) = hidden.as_mut().filter(|h| h.due(state.global_step)) {
+            engine.sync_to_host(&mut model, &mut opt)?;
+            h.record(state.global_step, &model)?;
         }
 
         let at_end = state.global_step == total;
