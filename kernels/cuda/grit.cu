@@ -71,6 +71,12 @@
 //            slot_blocks: (S, 4) i32 = (first A task, A tasks, first B task, B tasks); out: (S, 4).
 //   launch:  the rank_apply tasks; each block reduces its two sums in a fixed tree; the finish
 //            kernel (one thread per slot) adds a slot's block sums in task order, in f64.
+//
+// grit_sanitize_f32
+//   math:    x ← 0 where x is NaN or ±inf, else clamp(x, −c, c) (the preconditioned gradient's
+//            clean-up before AdamW).
+//   layout:  x: (n) f32, in place.
+//   launch:  grid-stride, one element per thread per step.
 #include "common.cuh"
 
 namespace {
@@ -629,4 +635,12 @@ GM_KERNEL void __launch_bounds__(128) rank_quadratic_finish_f32(const float* __r
     out[4 * s + 1] = static_cast<float>(qb);
     out[4 * s + 2] = static_cast<float>(ra);
     out[4 * s + 3] = static_cast<float>(rb);
+}
+
+GM_KERNEL void __launch_bounds__(256) grit_sanitize_f32(float* __restrict__ x, long long n, float c) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        x[i] = isfinite(v) ? fminf(fmaxf(v, -c), c) : 0.0f;
+    }
 }

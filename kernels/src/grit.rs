@@ -1174,6 +1174,44 @@ pub fn rank_quadratic_parity(gpu: &Gpu, slots: usize, r: usize) -> Result<f64> {
     Ok(worst)
 }
 
+/// Runs [`sanitize`] with c = 1e6 on n values salted with NaN, ±inf and ±2e6 and returns the
+/// largest difference from the host rule (0 when every value matches).
+pub fn sanitize_parity(gpu: &Gpu, n: usize) -> Result<f64> {
+    let mut x = check::test_data(n, 41, 5.0);
+    for (i, v) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 2e6, -2e6].into_iter().enumerate() {
+        if let Some(e) = x.get_mut(i * 7) {
+            *e = v;
+        }
+    }
+    let want: Vec<f32> = x.iter().map(|&v| if v.is_finite() { v.clamp(-1e6, 1e6) } else { 0.0 }).collect();
+    let mut d = gpu.upload(&x)?;
+    sanitize(gpu, &mut d, 1e6)?;
+    let got = gpu.download(&d)?;
+    Ok(got.iter().zip(&want).map(|(g, w)| f64::from((g - w).abs())).fold(0.0, f64::max))
+}
+
+/// x ← 0 where x is NaN or ±inf, else clamp(x, −c, c), in place. x: (n) f32.
+pub fn sanitize(gpu: &Gpu, x: &mut impl DevicePtrMut<f32>, c: f32) -> Result<()> {
+    const K: &str = "grit_sanitize";
+    let n = x.len();
+    if c.is_nan() || c < 0.0 {
+        return Err(KernelError::shape(K, format!("the clamp must be ≥ 0, got {c}")));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = i64::try_from(n).map_err(|_| KernelError::shape(K, format!("{n} elements")))?;
+    let f = gpu.function("grit", "grit_sanitize_f32")?;
+    let px = ptr_mut(gpu, x);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&px).arg(&n64).arg(&c);
+    let blocks = n.div_ceil(256).min(4096) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the kernel reads and writes x[0, n) grid-stride and nothing else; x holds n elements.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// Every kernel of this module against its CPU reference on small, awkward shapes.
 pub fn self_test(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut out = Vec::new();
@@ -1208,6 +1246,12 @@ pub fn self_test(gpu: &Gpu) -> Result<Vec<Check>> {
         shape: "S=3 r=16 energy 0.99".into(),
         rel_err: p,
         tol: tol::PROJECTOR,
+    });
+    out.push(Check {
+        kernel: "grit_sanitize_f32",
+        shape: "n=1031 with NaN, ±inf, ±2e6".into(),
+        rel_err: sanitize_parity(gpu, 1031)?,
+        tol: 0.0,
     });
     let a = rank_apply_parity(gpu, 7, 16, Side::Both)?.max(rank_apply_parity(gpu, 3, 5, Side::A)?);
     out.push(Check {

@@ -223,3 +223,13 @@ fn grit_self_test_and_bench() {
         println!("bench {} {}: {:.1} µs, {rate:.0} {unit}", r.kernel, r.shape, r.seconds * 1e6);
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sanitize_zeroes_non_finite_values_and_clamps() {
+    use gristmill_kernels::grit;
+    let gpu = common::gpu();
+    for n in [1, 5, 1031, 70_001] {
+        assert_eq!(grit::sanitize_parity(&gpu, n).unwrap(), 0.0, "n = {n}");
+    }
+}

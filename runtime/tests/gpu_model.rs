@@ -351,3 +351,96 @@ fn a_training_run_on_the_gpu_tracks_the_cpu() {
         assert!(d <= 1e-3, "{name}: GPU adapter differs from the CPU's by {d:e} of its scale");
     }
 }
+
+/// A GRIT run (every part acting within ten steps) on `cuda` f32 and bf16 against the CPU: the
+/// same losses, natural-gradient ratios, inversion λs, reprojection ranks and adapter; and a
+/// resumed GPU run that ends where the uninterrupted one does.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_grit_run_on_the_gpu_tracks_the_cpu() {
+    use gristmill::train::config::OptimizerKind;
+    let _ = gpu();
+    let dir = std::env::temp_dir().join(format!("gristmill-gpu-grit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = write_synth_data(&dir);
+    let grit = |out: &Path, device: &str, dtype: &str| {
+        let mut c = run_config(&data, out, device, dtype);
+        c.optim.optimizer = OptimizerKind::Grit;
+        c.grit.grit_cov_update_freq = 3; // sampled on every third micro-batch
+        c.grit.kfac_update_freq = 2;
+        c.grit.kfac_min_samples = 8;
+        c.grit.reprojection_freq = 4;
+        c.grit.min_lora_rank = 2;
+        c.grit.rank_adaptation_threshold = 0.9;
+        c.grit.lambda_kfac = 1e-3;
+        c.grit.lambda_reproj = 1e-3;
+        c.train.save_every = 3;
+        c
+    };
+    let events = |d: &Path, kind: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("grit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == kind)
+            .collect()
+    };
+    let mut runs = Vec::new();
+    for (name, device, dtype) in [("cpu", "cpu", "f32"), ("cuda", "cuda", "f32"), ("cuda16", "cuda", "bf16")] {
+        let out_dir = dir.join(name);
+        let out = train(&grit(&out_dir, device, dtype), Hooks::default()).unwrap();
+        assert_eq!(out.steps, 10);
+        runs.push(read_metrics(&out_dir.join("metrics.jsonl")).unwrap());
+    }
+    let get = |r: &gristmill::train::metrics::Record, k: &str| r.extra.get(k).and_then(|v| v.as_f64());
+    for (i, tol) in [(1, 1e-3), (2, 3e-2)] {
+        for (a, b) in runs[0].iter().zip(&runs[i]) {
+            if let (Some(x), Some(y)) = (a.loss, b.loss) {
+                println!("run {i} step {:2}: loss CPU {x:.6} GPU {y:.6}", a.step);
+                assert!(((x - y) / x).abs() <= tol, "run {i} step {}: CPU loss {x} vs GPU {y}", a.step);
+            }
+            match (get(a, "grit_ng_ratio"), get(b, "grit_ng_ratio")) {
+                (Some(x), Some(y)) => {
+                    println!("run {i} step {:2}: ng ratio CPU {x:.5} GPU {y:.5}", a.step);
+                    assert!(((x - y) / x).abs() <= 10.0 * tol, "run {i} step {}: ng ratio {x} vs {y}", a.step);
+                }
+                (None, None) => {}
+                (x, y) => panic!("run {i} step {}: ng ratio CPU {x:?} GPU {y:?}", a.step),
+            }
+            if let (Some(x), Some(y)) = (get(a, "grit_reg_loss"), get(b, "grit_reg_loss")) {
+                assert!((x - y).abs() <= 10.0 * tol * x.abs().max(1e-12), "run {i} step {}: reg {x} vs {y}", a.step);
+            }
+        }
+    }
+    // Inversions at the same steps with the same λ, reprojections with the same ranks (f32 run).
+    let (ci, gi) = (events(&dir.join("cpu"), "invert"), events(&dir.join("cuda"), "invert"));
+    assert_eq!(ci.len(), gi.len());
+    for (a, b) in ci.iter().zip(&gi) {
+        assert_eq!((&a["step"], &a["lambda"]), (&b["step"], &b["lambda"]));
+    }
+    let (cr, gr) = (events(&dir.join("cpu"), "reproject"), events(&dir.join("cuda"), "reproject"));
+    assert_eq!(cr.len(), 2);
+    for (a, b) in cr.iter().zip(&gr) {
+        assert_eq!((&a["step"], &a["k"]), (&b["step"], &b["k"]), "reprojection ranks");
+    }
+    let ck = |d: &str| Checkpoint::open(dir.join(d).join("adapter_model.safetensors")).unwrap();
+    let (ac, ag) = (ck("cpu"), ck("cuda"));
+    for name in ac.names() {
+        let d = rel(&ag.to_f32(name).unwrap(), &ac.to_f32(name).unwrap());
+        assert!(d <= 1e-2, "{name}: GRIT GPU adapter differs from the CPU's by {d:e} of its scale");
+    }
+    // Resume on the GPU from the step-6 checkpoint: the same final adapter as without the stop.
+    let part = dir.join("part");
+    let mut stop_at_6 = |r: &gristmill::train::metrics::Record| r.step < 6;
+    train(&grit(&part, "cuda", "f32"), Hooks { on_step: Some(&mut stop_at_6), ..Default::default() }).unwrap();
+    let mut c = grit(&part, "cuda", "f32");
+    c.output.resume = Some("latest".into());
+    train(&c, Hooks::default()).unwrap();
+    let ap = Checkpoint::open(part.join("adapter_model.safetensors")).unwrap();
+    for name in ag.names() {
+        let d = rel(&ap.to_f32(name).unwrap(), &ag.to_f32(name).unwrap());
+        assert!(d <= 1e-5, "{name}: resumed GPU GRIT run differs by {d:e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

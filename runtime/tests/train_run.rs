@@ -158,7 +158,7 @@ fn grit_config(data: &Path, out: &Path, extra: &str) -> TrainConfig {
     use gristmill::train::config::OptimizerKind;
     let mut c = config(data, out, extra);
     c.optim.optimizer = OptimizerKind::Grit;
-    c.grit.grit_cov_update_freq = 1;
+    c.grit.grit_cov_update_freq = 3; // sampled on every third micro-batch
     c.grit.kfac_update_freq = 2;
     c.grit.kfac_min_samples = 8;
     c.grit.reprojection_freq = 4;

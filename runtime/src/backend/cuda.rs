@@ -43,6 +43,8 @@ enum GpuWeight<T> {
 /// Where an adapter's factors sit in the flat LoRA buffers.
 #[derive(Debug, Clone, Copy)]
 struct LoraSlot {
+    /// Position in [`crate::train::step::lora_slots`] order.
+    index: usize,
     /// A: (r, K) at [a, a + r·K); B: (N, r) at [b, b + N·r)
     a: usize,
     b: usize,
@@ -95,6 +97,20 @@ impl<T: Float> std::fmt::Debug for CudaBackend<T> {
 /// Gradients of every LoRA factor, flat, in the layout of the backend's LoRA buffer.
 pub struct GpuGrads {
     pub flat: CudaSlice<f32>,
+    /// GRIT's statistics of this micro-batch, gathered by the backward when set.
+    pub kfac: Option<GpuKfacCapture>,
+}
+
+/// Masked Gram matrices of the adapters' bottleneck activations for GRIT, on the GPU: per slot
+/// Σ_t w_t u_t u_tᵀ and Σ_t w_t v_t v_tᵀ, (S, r, r) each, accumulated by `linear_bwd`.
+pub struct GpuKfacCapture {
+    /// (M) row weights: 1 where the position has a loss target.
+    pub weights: CudaSlice<f32>,
+    pub uu: CudaSlice<f32>,
+    pub vv: CudaSlice<f32>,
+    /// The Gram kernel's partial sums, held across calls.
+    pub scratch: CudaSlice<f32>,
+    pub r: usize,
 }
 
 /// What a linear layer keeps for its backward.
@@ -180,7 +196,7 @@ impl<T: Float> CudaBackend<T> {
                     host_lora.extend_from_slice(&ad.b);
                     lora_layout.push((a, ad.a.len()));
                     lora_layout.push((b, ad.b.len()));
-                    LoraSlot { a, b, r: ad.r, scale: ad.scale }
+                    LoraSlot { index: lora_layout.len() / 2 - 1, a, b, r: ad.r, scale: ad.scale }
                 });
                 lins.push(upload_linear(&gpu, lin, slot, decode)?);
             }
@@ -228,6 +244,11 @@ impl<T: Float> CudaBackend<T> {
     }
 
     /// The flat LoRA parameters (for the optimizer).
+    pub fn lora_params(&self) -> &CudaSlice<f32> {
+        &self.lora
+    }
+
+    /// The f32 master LoRA buffer, mutable (refresh the T copy after changing it).
     pub fn lora_params_mut(&mut self) -> &mut CudaSlice<f32> {
         &mut self.lora
     }
@@ -238,9 +259,25 @@ impl<T: Float> CudaBackend<T> {
         Ok(())
     }
 
+    /// Every adapter's place in the flat LoRA buffers, in slot order, and the rank (GRIT's kernels
+    /// work over this table).
+    pub fn lora_slots(&self) -> (Vec<gristmill_kernels::grit::Slot>, usize) {
+        let mut out = Vec::new();
+        let mut r = 0;
+        for l in &self.layers {
+            for lin in &l.lin {
+                if let Some(s) = lin.lora {
+                    out.push(gristmill_kernels::grit::Slot { a_off: s.a, b_off: s.b, k: lin.k, n: lin.n });
+                    r = s.r;
+                }
+            }
+        }
+        (out, r)
+    }
+
     /// Zeroed gradients in the LoRA layout.
     pub fn new_grads(&self) -> Result<GpuGrads> {
-        Ok(GpuGrads { flat: self.gpu.zeros(self.lora_len().max(1))? })
+        Ok(GpuGrads { flat: self.gpu.zeros(self.lora_len().max(1))?, kfac: None })
     }
 
     /// The LoRA parameters, one host vector per buffer (A then B per slot).
@@ -536,6 +573,24 @@ impl<T: Float> Backend for CudaBackend<T> {
         // v = dy B: (M, r)
         let mut v = self.gpu.alloc::<T>(m * r)?;
         gemm::<T, T>(&self.gpu, Layout::NN, m, r, n, dy, &b, &mut v, 1.0, 0.0)?;
+        if let Some(kc) = &mut grads.kfac {
+            let rr = kc.r * kc.r;
+            let at = slot.index * rr;
+            if kc.r != r || kc.uu.len() < at + rr {
+                return Err(Error::Invalid(format!("GRIT statistics have no slot {} of rank {r}", slot.index)));
+            }
+            gristmill_kernels::grit::kfac_gram_with_scratch::<T>(
+                &self.gpu,
+                u,
+                &v,
+                &kc.weights,
+                m,
+                r,
+                &mut kc.uu.slice_mut(at..at + rr),
+                &mut kc.vv.slice_mut(at..at + rr),
+                &mut kc.scratch,
+            )?;
+        }
         // dB += s · dyᵀ u: (N, r)
         gemm::<T, f32>(
             &self.gpu,
@@ -824,6 +879,24 @@ impl GpuAdamW {
         Ok(())
     }
 
+    /// The moments (m, v), flat in the LoRA layout (GRIT projects them at a reprojection).
+    pub fn moments_mut(&mut self) -> (&mut CudaSlice<f32>, &mut CudaSlice<f32>) {
+        (&mut self.m, &mut self.v)
+    }
+
+    /// One AdamW step on gradients multiplied by `grad_mul`, without computing their norm.
+    pub fn apply<T: Float>(
+        &mut self,
+        be: &mut CudaBackend<T>,
+        grads: &GpuGrads,
+        cfg: &gristmill_core::ops::adamw::AdamWConfig,
+        grad_mul: f32,
+    ) -> Result<()> {
+        self.step += 1;
+        optim::adamw_step(&be.gpu, &mut be.lora, &grads.flat, &mut self.m, &mut self.v, self.step, cfg, grad_mul)?;
+        be.refresh_lora()
+    }
+
     /// Global gradient norm, clipping (torch's rule) and one AdamW step; returns the norm before
     /// clipping. A non-finite norm updates nothing and is returned for the caller to report.
     pub fn step<T: Float>(
@@ -837,9 +910,7 @@ impl GpuAdamW {
         let norm = optim::l2_norm(&gpu, &grads.flat)?;
         let mul = if max_grad_norm > 0.0 { optim::clip_factor(norm, max_grad_norm) } else { Some(1.0) };
         let Some(mul) = mul.filter(|_| norm.is_finite()) else { return Ok(norm) };
-        self.step += 1;
-        optim::adamw_step(&gpu, &mut be.lora, &grads.flat, &mut self.m, &mut self.v, self.step, cfg, mul)?;
-        be.refresh_lora()?;
+        self.apply(be, grads, cfg, mul)?;
         Ok(norm)
     }
 }

@@ -50,6 +50,8 @@ pub struct GpuEngine<T: gristmill_kernels::Float> {
     be: crate::backend::cuda::CudaBackend<T>,
     grads: crate::backend::cuda::GpuGrads,
     opt: crate::backend::cuda::GpuAdamW,
+    /// GRIT's device state, made from the host state on the first GRIT micro-batch.
+    grit: Option<super::grit_gpu::GpuGrit>,
 }
 
 #[cfg(feature = "cuda")]
@@ -61,7 +63,73 @@ impl<T: gristmill_kernels::Float> GpuEngine<T> {
         let mut gopt = GpuAdamW::new(&be)?;
         gopt.upload(&be, &opt.m, &opt.v)?;
         gopt.step = opt.step;
-        Ok(Box::new(GpuEngine { be, grads, opt: gopt }))
+        Ok(Box::new(GpuEngine { be, grads, opt: gopt, grit: None }))
+    }
+
+    fn micro_step_grit(
+        &mut self,
+        batch: &Batch,
+        grad_scale: f32,
+        drop: Option<Dropout>,
+        grit: &mut GritState,
+    ) -> Result<MicroStats> {
+        if self.grit.is_none() {
+            self.grit = Some(super::grit_gpu::GpuGrit::new(&self.be, grit)?);
+        }
+        let sample = grit.sample_now();
+        let Some(gg) = self.grit.as_mut() else { return self.micro_step(batch, grad_scale, drop) };
+        if !sample {
+            return self.micro_step(batch, grad_scale, drop);
+        }
+        let w = target_weights(batch);
+        let rows: f64 = w.iter().map(|&x| f64::from(x)).sum();
+        self.grads.kfac = Some(gg.capture(&self.be, &w)?);
+        let out =
+            crate::backend::train_step(&self.be, &super::step::as_batch_in(batch), grad_scale, drop, &mut self.grads);
+        let cap = self.grads.kfac.take();
+        let stats = out?;
+        if let Some(cap) = cap {
+            gg.fold(&self.be, cap, rows, grit)?;
+        }
+        Ok(stats)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grit_optimizer_step(
+        &mut self,
+        opt: &mut AdamW,
+        lr: f32,
+        max_grad_norm: f32,
+        grit: &mut GritState,
+        step: usize,
+        loss: f64,
+    ) -> Result<(f32, GritStepLog)> {
+        use gristmill_kernels::optim;
+        let mut log = GritStepLog { damping: grit.damping, ..Default::default() };
+        if self.grit.is_none() {
+            self.grit = Some(super::grit_gpu::GpuGrit::new(&self.be, grit)?);
+        }
+        let Some(gg) = self.grit.as_mut() else { return Err(crate::error::Error::Invalid("no GRIT state".into())) };
+        let gpu = self.be.gpu().clone();
+        log.reg_loss = gg.add_regularizer_grads(&self.be, &mut self.grads, grit, step)?;
+        let norm = optim::l2_norm(&gpu, &self.grads.flat)?;
+        let mul = if max_grad_norm > 0.0 { optim::clip_factor(norm, max_grad_norm) } else { Some(1.0) };
+        let Some(mul) = mul.filter(|_| norm.is_finite()) else { return Ok((norm, log)) };
+        if mul != 1.0 {
+            optim::scale(&gpu, &mut self.grads.flat, mul)?;
+        }
+        let (inverted, ratio) = gg.precondition(&self.be, &mut self.grads, grit, step, norm * mul)?;
+        let cfg = gristmill_core::ops::adamw::AdamWConfig { lr, ..opt.cfg };
+        super::grit_gpu::GpuGrit::adamw(&mut self.be, &mut self.opt, &self.grads, &cfg)?;
+        opt.step = self.opt.step;
+        if grit.reproject_due(step) {
+            log.reprojected = Some(gg.reproject(&mut self.be, &mut self.opt, grit, step)?);
+        }
+        grit.end_step(loss, inverted.is_some());
+        log.ng_ratio = ratio;
+        log.inverted = inverted;
+        log.ready_modules = grit.ready_count();
+        Ok((norm, log))
     }
 
     fn zero_grads(&mut self) -> Result<()> {
@@ -216,11 +284,11 @@ impl Engine {
         drop: Option<Dropout>,
         grit: &mut GritState,
     ) -> Result<MicroStats> {
-        if !grit.sample_now() {
-            return self.micro_step(model, batch, grad_scale, drop);
-        }
         match self {
             Engine::Cpu { grads } => {
+                if !grit.sample_now() {
+                    return micro_step(model, batch, grad_scale, drop, grads);
+                }
                 let kc = KfacCapture::new(target_weights(batch), grit.modules.len(), grit.r);
                 let rows = kc.rows();
                 grads.kfac = Some(kc);
@@ -235,9 +303,9 @@ impl Engine {
                 Ok(stats)
             }
             #[cfg(feature = "cuda")]
-            _ => Err(crate::error::Error::Unsupported(
-                "GRIT on a GPU is not available in this build; train it with --device cpu".into(),
-            )),
+            Engine::Cuda(g) => g.micro_step_grit(batch, grad_scale, drop, grit),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.micro_step_grit(batch, grad_scale, drop, grit),
         }
     }
 
@@ -289,9 +357,20 @@ impl Engine {
                 Ok((norm, log))
             }
             #[cfg(feature = "cuda")]
-            _ => Err(crate::error::Error::Unsupported(
-                "GRIT on a GPU is not available in this build; train it with --device cpu".into(),
-            )),
+            Engine::Cuda(g) => g.grit_optimizer_step(opt, lr, max_grad_norm, grit, step, loss),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.grit_optimizer_step(opt, lr, max_grad_norm, grit, step, loss),
+        }
+    }
+
+    /// Copies GRIT's device state into `grit` (before a checkpoint; a no-op on the CPU).
+    pub fn sync_grit(&self, grit: &mut GritState) -> Result<()> {
+        match self {
+            Engine::Cpu { .. } => Ok(()),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(g) => g.grit.as_ref().map_or(Ok(()), |gg| gg.sync_to(&g.be, grit)),
+            #[cfg(feature = "cuda")]
+            Engine::CudaBf16(g) => g.grit.as_ref().map_or(Ok(()), |gg| gg.sync_to(&g.be, grit)),
         }
     }
 

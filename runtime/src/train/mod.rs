@@ -4,6 +4,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod grit;
+#[cfg(feature = "cuda")]
+pub mod grit_gpu;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -657,6 +657,9 @@ pub fn train(cfg: &TrainConfig, hooks: Hooks<'_>) -> Result<TrainOutcome> {
             || is_best;
         if save_now {
             engine.sync_to_host(&mut model, &mut opt)?;
+            if let Some(g) = grit.as_mut() {
+                engine.sync_grit(g)?;
+            }
             let bstate = batcher.state();
             ckpts.save(state.global_step, is_best, |dir| {
                 write_checkpoint(dir, &model, &spec, &base_name, &opt, &bstate, &state, grit.as_ref())
