@@ -251,6 +251,27 @@ impl GenerationConfig {
     }
 }
 
+/// Parses the bytes of a `tokenizer.json` with the tokenizers library, which panics (instead of
+/// returning an error) on some malformed files: invalid JSON inside the `decoder` section, a bad
+/// precompiled character map. JSON errors are caught first, with their position; any other panic
+/// of the library is contained and reported as an error on the file.
+fn parse_tokenizer_json(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: invalid JSON: {e}")))?;
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::format(path, format!("not a valid tokenizer.json: {e}"))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(Error::format(path, format!("not a valid tokenizer.json: the tokenizers library failed on it ({why})")))
+        }
+    }
+}
+
 impl Tokenizer {
     /// Loads the tokenizer of a model directory: `tokenizer.json`, plus `tokenizer_config.json`
     /// and `generation_config.json` when present. When `tokenizer_config.json` has no chat
@@ -281,8 +302,7 @@ impl Tokenizer {
     ) -> Result<Self> {
         let path = tokenizer_json.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::format(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner = parse_tokenizer_json(path, &bytes)?;
         let tc = tokenizer_config.map(TokenizerConfig::read).transpose()?;
         let gc = generation_config.map(GenerationConfig::read).transpose()?;
         Self::build(inner, path, tc, gc)
