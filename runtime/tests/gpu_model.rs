@@ -358,7 +358,6 @@ fn a_training_run_on_the_gpu_tracks_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_grit_run_on_the_gpu_tracks_the_cpu() {
-    use gristmill::train::config::OptimizerKind;
     let _ = gpu();
     let dir = std::env::temp_dir().join(format!("gristmill-gpu-grit-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -366,15 +365,7 @@ fn a_grit_run_on_the_gpu_tracks_the_cpu() {
     let data = write_synth_data(&dir);
     let grit = |out: &Path, device: &str, dtype: &str| {
         let mut c = run_config(&data, out, device, dtype);
-        c.optim.optimizer = OptimizerKind::Grit;
-        c.grit.grit_cov_update_freq = 3; // sampled on every third micro-batch
-        c.grit.kfac_update_freq = 2;
-        c.grit.kfac_min_samples = 8;
-        c.grit.reprojection_freq = 4;
-        c.grit.min_lora_rank = 2;
-        c.grit.rank_adaptation_threshold = 0.9;
-        c.grit.lambda_kfac = 1e-3;
-        c.grit.lambda_reproj = 1e-3;
+        common::quick_grit(&mut c);
         c.train.save_every = 3;
         c
     };

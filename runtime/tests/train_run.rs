@@ -155,17 +155,8 @@ impl WithPacking for TrainConfig {
 
 /// A GRIT run on the tiny model with every part of GRIT acting within a few steps.
 fn grit_config(data: &Path, out: &Path, extra: &str) -> TrainConfig {
-    use gristmill::train::config::OptimizerKind;
     let mut c = config(data, out, extra);
-    c.optim.optimizer = OptimizerKind::Grit;
-    c.grit.grit_cov_update_freq = 3; // sampled on every third micro-batch
-    c.grit.kfac_update_freq = 2;
-    c.grit.kfac_min_samples = 8;
-    c.grit.reprojection_freq = 4;
-    c.grit.min_lora_rank = 2;
-    c.grit.rank_adaptation_threshold = 0.9;
-    c.grit.lambda_kfac = 1e-3;
-    c.grit.lambda_reproj = 1e-3;
+    common::quick_grit(&mut c);
     c
 }
 

@@ -906,11 +906,18 @@ impl GpuAdamW {
         cfg: &gristmill_core::ops::adamw::AdamWConfig,
         max_grad_norm: f32,
     ) -> Result<f32> {
-        let gpu = be.gpu.clone();
-        let norm = optim::l2_norm(&gpu, &grads.flat)?;
-        let mul = if max_grad_norm > 0.0 { optim::clip_factor(norm, max_grad_norm) } else { Some(1.0) };
-        let Some(mul) = mul.filter(|_| norm.is_finite()) else { return Ok(norm) };
-        self.apply(be, grads, cfg, mul)?;
+        let (norm, mul) = Self::clip_factor(&be.gpu.clone(), grads, max_grad_norm)?;
+        if let Some(mul) = mul {
+            self.apply(be, grads, cfg, mul)?;
+        }
         Ok(norm)
+    }
+
+    /// The global gradient norm and the multiplier that clips it to `max_grad_norm` (torch's
+    /// rule; 0 turns clipping off); no multiplier when the norm is NaN or infinite.
+    pub fn clip_factor(gpu: &Gpu, grads: &GpuGrads, max_grad_norm: f32) -> Result<(f32, Option<f32>)> {
+        let norm = optim::l2_norm(gpu, &grads.flat)?;
+        let mul = if max_grad_norm > 0.0 { optim::clip_factor(norm, max_grad_norm) } else { Some(1.0) };
+        Ok((norm, mul.filter(|_| norm.is_finite())))
     }
 }

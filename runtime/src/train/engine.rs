@@ -33,6 +33,15 @@ impl ComputeDtype {
     }
 }
 
+/// Clips `bufs` to a global norm of `max_grad_norm` (0: no clipping) and returns the norm before.
+fn clip_or_norm(bufs: &mut [&mut [f32]], max_grad_norm: f32) -> Result<f32> {
+    if max_grad_norm > 0.0 {
+        Ok(clip_grad_norm_ref(bufs, max_grad_norm)?)
+    } else {
+        Ok(bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt())
+    }
+}
+
 /// The training step's device and the state it keeps there.
 pub enum Engine {
     Cpu {
@@ -66,6 +75,14 @@ impl<T: gristmill_kernels::Float> GpuEngine<T> {
         Ok(Box::new(GpuEngine { be, grads, opt: gopt, grit: None }))
     }
 
+    /// GRIT's device state, made from `grit` the first time.
+    fn gpu_grit(&mut self, grit: &GritState) -> Result<()> {
+        if self.grit.is_none() {
+            self.grit = Some(super::grit_gpu::GpuGrit::new(&self.be, grit)?);
+        }
+        Ok(())
+    }
+
     fn micro_step_grit(
         &mut self,
         batch: &Batch,
@@ -73,14 +90,10 @@ impl<T: gristmill_kernels::Float> GpuEngine<T> {
         drop: Option<Dropout>,
         grit: &mut GritState,
     ) -> Result<MicroStats> {
-        if self.grit.is_none() {
-            self.grit = Some(super::grit_gpu::GpuGrit::new(&self.be, grit)?);
-        }
-        let sample = grit.sample_now();
-        let Some(gg) = self.grit.as_mut() else { return self.micro_step(batch, grad_scale, drop) };
-        if !sample {
+        self.gpu_grit(grit)?;
+        let (true, Some(gg)) = (grit.sample_now(), self.grit.as_mut()) else {
             return self.micro_step(batch, grad_scale, drop);
-        }
+        };
         let w = target_weights(batch);
         let rows: f64 = w.iter().map(|&x| f64::from(x)).sum();
         self.grads.kfac = Some(gg.capture(&self.be, &w)?);
@@ -104,31 +117,24 @@ impl<T: gristmill_kernels::Float> GpuEngine<T> {
         step: usize,
         loss: f64,
     ) -> Result<(f32, GritStepLog)> {
-        use gristmill_kernels::optim;
         let mut log = GritStepLog { damping: grit.damping, ..Default::default() };
-        if self.grit.is_none() {
-            self.grit = Some(super::grit_gpu::GpuGrit::new(&self.be, grit)?);
-        }
+        self.gpu_grit(grit)?;
         let Some(gg) = self.grit.as_mut() else { return Err(crate::error::Error::Invalid("no GRIT state".into())) };
         let gpu = self.be.gpu().clone();
         log.reg_loss = gg.add_regularizer_grads(&self.be, &mut self.grads, grit, step)?;
-        let norm = optim::l2_norm(&gpu, &self.grads.flat)?;
-        let mul = if max_grad_norm > 0.0 { optim::clip_factor(norm, max_grad_norm) } else { Some(1.0) };
-        let Some(mul) = mul.filter(|_| norm.is_finite()) else { return Ok((norm, log)) };
+        let (norm, mul) = crate::backend::cuda::GpuAdamW::clip_factor(&gpu, &self.grads, max_grad_norm)?;
+        let Some(mul) = mul else { return Ok((norm, log)) };
         if mul != 1.0 {
-            optim::scale(&gpu, &mut self.grads.flat, mul)?;
+            gristmill_kernels::optim::scale(&gpu, &mut self.grads.flat, mul)?;
         }
         let (inverted, ratio) = gg.precondition(&self.be, &mut self.grads, grit, step, norm * mul)?;
         let cfg = gristmill_core::ops::adamw::AdamWConfig { lr, ..opt.cfg };
-        super::grit_gpu::GpuGrit::adamw(&mut self.be, &mut self.opt, &self.grads, &cfg)?;
+        self.opt.apply(&mut self.be, &self.grads, &cfg, 1.0)?;
         opt.step = self.opt.step;
         if grit.reproject_due(step) {
             log.reprojected = Some(gg.reproject(&mut self.be, &mut self.opt, grit, step)?);
         }
-        grit.end_step(loss, inverted.is_some());
-        log.ng_ratio = ratio;
-        log.inverted = inverted;
-        log.ready_modules = grit.ready_count();
+        log.finish(grit, loss, inverted, ratio);
         Ok((norm, log))
     }
 
@@ -251,19 +257,13 @@ impl Engine {
         match self {
             Engine::Cpu { grads } => {
                 let mut bufs = grads.buffers_mut();
-                let norm = if max_grad_norm > 0.0 {
-                    clip_grad_norm_ref(&mut bufs, max_grad_norm)?
-                } else {
-                    bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt()
-                };
+                let norm = clip_or_norm(&mut bufs, max_grad_norm)?;
                 if !norm.is_finite() {
                     // No update from a NaN or infinite gradient (as on the GPU): the adapter and
                     // the optimizer state stay as they were, and the caller decides what to do.
                     return Ok(norm);
                 }
-                let g: Vec<&[f32]> =
-                    grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
-                opt.update(model, &g, lr)?;
+                opt.update(model, &grads.buffers(), lr)?;
                 Ok(norm)
             }
             #[cfg(feature = "cuda")]
@@ -329,19 +329,13 @@ impl Engine {
             Engine::Cpu { grads } => {
                 let mut bufs = grads.buffers_mut();
                 log.reg_loss = grit.add_regularizer_grads(step, &lora_params(model), &mut bufs)?;
-                let norm = if max_grad_norm > 0.0 {
-                    clip_grad_norm_ref(&mut bufs, max_grad_norm)?
-                } else {
-                    bufs.iter().map(|b| b.iter().map(|v| v * v).sum::<f32>()).sum::<f32>().sqrt()
-                };
+                let norm = clip_or_norm(&mut bufs, max_grad_norm)?;
                 if !norm.is_finite() {
                     // As in `optimizer_step`: no update from a NaN or infinite gradient.
                     return Ok((norm, log));
                 }
                 let (inverted, ratio) = grit.precondition(step, &mut bufs)?;
-                let g: Vec<&[f32]> =
-                    grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
-                opt.update(model, &g, lr)?;
+                opt.update(model, &grads.buffers(), lr)?;
                 if grit.reproject_due(step) {
                     let mut params = lora_params_mut(model);
                     let project = grit.cfg.project_optimizer_state;
@@ -350,10 +344,7 @@ impl Engine {
                     let moments = project.then_some((m.as_mut_slice(), v.as_mut_slice()));
                     log.reprojected = Some(grit.reproject(step, &mut params, moments)?);
                 }
-                grit.end_step(loss, inverted.is_some());
-                log.ng_ratio = ratio;
-                log.inverted = inverted;
-                log.ready_modules = grit.ready_count();
+                log.finish(grit, loss, inverted, ratio);
                 Ok((norm, log))
             }
             #[cfg(feature = "cuda")]
@@ -389,9 +380,7 @@ impl Engine {
     /// The gradients as host vectors, A then B per adapted module (tests and diagnostics).
     pub fn grads_to_host(&self) -> Result<Vec<Vec<f32>>> {
         match self {
-            Engine::Cpu { grads } => {
-                Ok(grads.da.iter().zip(&grads.db).flat_map(|(a, b)| [a.clone(), b.clone()]).collect())
-            }
+            Engine::Cpu { grads } => Ok(grads.buffers().into_iter().map(<[f32]>::to_vec).collect()),
             #[cfg(feature = "cuda")]
             Engine::Cuda(g) => g.be.download_grads(&g.grads),
             #[cfg(feature = "cuda")]

@@ -68,6 +68,16 @@ pub struct GritStepLog {
     pub ready_modules: usize,
 }
 
+impl GritStepLog {
+    /// Ends the step: `grit`'s loss history and adaptive rules, and this log's remaining fields.
+    pub fn finish(&mut self, grit: &mut GritState, loss: f64, inverted: Option<Vec<f32>>, ratio: Option<f64>) {
+        grit.end_step(loss, inverted.is_some());
+        self.ng_ratio = ratio;
+        self.inverted = inverted;
+        self.ready_modules = grit.ready_count();
+    }
+}
+
 /// A reprojection's outcome.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReprojectionLog {

@@ -372,14 +372,4 @@ impl GpuGrit {
         }
         Ok(())
     }
-
-    /// The AdamW step after preconditioning (clipping was applied to the gradients already).
-    pub fn adamw<T: Float>(
-        be: &mut CudaBackend<T>,
-        opt: &mut GpuAdamW,
-        grads: &GpuGrads,
-        cfg: &gristmill_core::ops::adamw::AdamWConfig,
-    ) -> Result<()> {
-        opt.apply(be, grads, cfg, 1.0)
-    }
 }

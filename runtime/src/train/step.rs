@@ -68,6 +68,11 @@ impl LoraGrads {
         self.da.iter_mut().chain(self.db.iter_mut()).for_each(|v| v.fill(0.0));
     }
 
+    /// All gradient buffers, A then B for each slot, read-only.
+    pub fn buffers(&self) -> Vec<&[f32]> {
+        self.da.iter().zip(&self.db).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect()
+    }
+
     /// All gradient buffers, A then B for each slot.
     pub fn buffers_mut(&mut self) -> Vec<&mut [f32]> {
         let mut out = Vec::with_capacity(2 * self.da.len());

@@ -71,3 +71,18 @@ pub fn golden_batch(g: &Checkpoint, s: usize, a: usize, accum: usize, b: usize, 
         n_tokens: mask.iter().filter(|&&m| m > 0.5).count(),
     }
 }
+
+/// Turns `c` into a GRIT run of the tiny model in which every part of GRIT acts within a few
+/// steps: statistics on every third micro-batch, inversion every 2 steps, reprojection every 4
+/// with rank adaptation, regularizers on.
+pub fn quick_grit(c: &mut gristmill::train::config::TrainConfig) {
+    c.optim.optimizer = gristmill::train::config::OptimizerKind::Grit;
+    c.grit.grit_cov_update_freq = 3; // sampled on every third micro-batch
+    c.grit.kfac_update_freq = 2;
+    c.grit.kfac_min_samples = 8;
+    c.grit.reprojection_freq = 4;
+    c.grit.min_lora_rank = 2;
+    c.grit.rank_adaptation_threshold = 0.9;
+    c.grit.lambda_kfac = 1e-3;
+    c.grit.lambda_reproj = 1e-3;
+}
